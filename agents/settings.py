@@ -106,6 +106,40 @@ class Settings(BaseSettings):
     retriever_confidence_z: float = _f(3.5, "Adaptive: no confident context when the top's z-score is below this ...")
     retriever_min_cosine: float = _f(0.4, "Adaptive: ... and its cosine is below this too.")
 
+    expand: bool = _f(False, "Search with the query blended with embedding-prior samples (HyDE-style; needs a prior for the encoder).")
+    expand_k: int = _f(4, "Expansion: generated document embeddings per query.")
+    expand_weight: float = _f(0.5, "Expansion: weight of the mean generated embedding in the blend.")
+    expand_steps: int = _f(10, "Expansion: DDIM steps of the embedding prior.")
+    expand_guidance: float = _f(1.0, "Expansion: classifier-free guidance scale.")
+    expand_gate: float = _f(0.0, "Expansion: expand only queries whose samples agree at least this much (0: always).")
+
+    # --- Synthesizer (diffusion models, beside the answer path) -----------------
+    synth_sample_rate: float = _f(
+        0.05, "Share of queries the synthesizer writes documents for; 0 turns it off. It never delays an answer."
+    )
+    synth_samples: int = _f(2, "Samples per model for each sampled query.")
+    synth_text_steps: int = _f(32, "Sampling steps of the text diffusion model.")
+    synth_prior_steps: int = _f(10, "DDIM steps of the embedding prior.")
+    synth_guidance: float = _f(1.0, "Classifier-free guidance scale of the embedding prior.")
+    synth_min_query_similarity: float = _f(0.25, "Quality filter: samples less similar than this to their query are dropped.")
+    synth_batch_max: int = _f(8, "Most sampled queries synthesized in one batch.")
+    synth_batch_timeout_s: float = _f(2.0, "Longest a sampled query waits for its synthesis batch.")
+    synth_index: bool = _f(True, "Index kept synthetic text documents (synthetic=true, never cited).")
+
+    # --- Continual learner and re-indexing ---------------------------------------
+    learner_enabled: bool = _f(True, "Fine-tune the hybrid encoder on generated documents (only when encoder=hybrid).")
+    learner_min_examples: int = _f(256, "Buffered generated documents that trigger one fine-tuning update.")
+    learner_steps: int = _f(60, "Optimizer steps per update.")
+    learner_batch_size: int = _f(16, "Examples per micro-batch.")
+    learner_grad_accum: int = _f(4, "Micro-batches accumulated into one optimizer step.")
+    learner_lr: float = _f(5e-5, "Learning rate of an update.")
+    learner_replay_fraction: float = _f(0.5, "Share of each batch replayed from important past documents (limits forgetting).")
+    learner_canary_dataset: str = _f("wordnet-revdict", "Held-out set the canary score comes from.")
+    learner_canary_queries: int = _f(200, "Canary queries scored before a promotion.")
+    learner_canary_tolerance: float = _f(0.01, "Most canary nDCG@10 a new version may lose and still be promoted.")
+    reindex_batch: int = _f(256, "Rows re-encoded per slice when a promoted encoder rebuilds the collection.")
+    alias_poll_s: float = _f(10.0, "How often a worker checks the serving alias for a version another worker promoted.")
+
     # --- Memory manager (Redis) ---------------------------------------------
     memory_enabled: bool = _f(True, "Track document importance in Redis and evict under the capacity limit.")
     memory_policy: Literal["lru", "lfu", "importance"] = _f("importance", "Eviction policy.")
