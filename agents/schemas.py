@@ -98,6 +98,7 @@ class GeneratedDocument(Message):
     """A synthetic document or embedding from the diffusion models (topic ``generated-documents``)."""
 
     query_id: str
+    query: str = Field(default="", max_length=2_000)  # the query it was written for (training pairs)
     doc_id: Id
     text: str = ""  # empty for an embedding-only sample
     embedding: list[float] = Field(default_factory=list)
