@@ -16,19 +16,36 @@ record whose agent raised, which would drop it silently.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import faust
+import numpy as np
 
 from agents import metrics
-from agents.schemas import Document, MessageError, Query, dead_letter, decode, encode
+from agents.schemas import (Document, GeneratedDocument, MessageError, Query, RetentionUpdate, dead_letter, decode,
+                            encode)
 from agents.settings import Settings
 
 log = logging.getLogger("hybridrag")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The encoder and the collection it built, swapped together: a batch reads this once."""
+
+    encoder: Any
+    store: Any
+    ingest: Any
+    query: Any
+    encoder_kind: str
+    checkpoint: str
 
 
 class Runtime:
@@ -43,9 +60,25 @@ class Runtime:
         self.ingest_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridrag-ingest")
         # Redis calls of the memory manager: never in the way of the model lanes
         self.memory_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridrag-memory")
+        # the diffusion models: beside the answer path, never in it
+        self.synth_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridrag-synth")
         self.memory = None
+        self.synthesizer = None
+        self.generator = None
+        self.reindex = None  # the rebuild in progress, if any (agents.reindex.Reindex)
+        # taken to start or finish a rebuild and by deletes, so a delete never misses the new collection
+        self.swap_lock = threading.RLock()
         self._ready: asyncio.Future | None = None
-        self.encoder = self.store = self.ingest = self.query = None
+        self.serving: Serving | None = None
+
+    # the current serving pair's parts, for code that needs no consistency across a swap
+    @property
+    def encoder(self):
+        return self.serving.encoder if self.serving else None
+
+    @property
+    def store(self):
+        return self.serving.store if self.serving else None
 
     async def ready(self, app: faust.App) -> "Runtime":
         if self._ready is None:
@@ -60,29 +93,66 @@ class Runtime:
             raise
         return self
 
+    def load_serving(self, encoder_kind: str, checkpoint: str, expect_version: str | None = None) -> Serving:
+        """Load an encoder and open (or create) the collection of its version."""
+        from agents.encoders import load_encoder
+        from agents.store import VectorStore
+
+        s = self.settings
+        encoder = load_encoder(encoder_kind, device=s.device, checkpoint=checkpoint or None)
+        # a version names the weights; "-int8" only says how this worker runs them
+        if expect_version is not None and encoder.version.removesuffix("-int8") != expect_version.removesuffix("-int8"):
+            raise ValueError(f"{encoder_kind} encoder {checkpoint or '(default)'} is version {encoder.version}, "
+                             f"not {expect_version}")
+        store = VectorStore(s.milvus_uri, s.collection, encoder.version, encoder.dim,
+                            s.milvus_token.get_secret_value(), encoder=encoder_kind, checkpoint=checkpoint)
+        return self.make_serving(encoder, store, encoder_kind, checkpoint)
+
+    def make_serving(self, encoder, store, encoder_kind: str, checkpoint: str) -> Serving:
+        from agents.pipeline import IngestPipeline, QueryPipeline, TopKRetriever
+
+        s = self.settings
+        if s.retriever == "adaptive":
+            from agents.retriever import AdaptiveConfig, AdaptiveRetriever
+
+            retriever = AdaptiveRetriever(store, encoder, AdaptiveConfig.from_settings(s))
+        else:
+            retriever = TopKRetriever(store, s.min_score)
+        if s.expand:
+            from agents.synthesis import ExpansionConfig, ExpandingRetriever, load_prior
+
+            retriever = ExpandingRetriever(retriever, load_prior(encoder), ExpansionConfig(
+                k=s.expand_k, weight=s.expand_weight, steps=s.expand_steps, guidance=s.expand_guidance,
+                gate_threshold=s.expand_gate or None, seed=None))
+        ingest = IngestPipeline(encoder, store, s.chunk_size, s.chunk_overlap)
+        query = QueryPipeline(encoder, retriever, self.generator, s.top_k, s.max_top_k)
+        return Serving(encoder, store, ingest, query, encoder_kind, checkpoint)
+
     def _build(self) -> None:
         import torch
 
-        from agents.encoders import load_encoder
         from agents.generator import make_generator
-        from agents.pipeline import IngestPipeline, QueryPipeline, TopKRetriever
-        from agents.store import VectorStore
+        from agents.store import milvus_client, resolve_serving
 
         s = self.settings
         if s.torch_threads:
             torch.set_num_threads(s.torch_threads)
         t0 = time.perf_counter()
-        self.encoder = load_encoder(s.encoder, device=s.device, checkpoint=s.encoder_checkpoint or None)
-        self.store = VectorStore(
-            s.milvus_uri, s.collection, self.encoder.version, self.encoder.dim, s.milvus_token.get_secret_value()
-        )
-        self.ingest = IngestPipeline(self.encoder, self.store, s.chunk_size, s.chunk_overlap)
-        if s.retriever == "adaptive":
-            from agents.retriever import AdaptiveConfig, AdaptiveRetriever
-
-            retriever = AdaptiveRetriever(self.store, self.encoder, AdaptiveConfig.from_settings(s))
+        self.generator = make_generator(s)
+        info = resolve_serving(s.milvus_uri, s.collection, s.milvus_token.get_secret_value(),
+                               client=milvus_client(s.milvus_uri, s.milvus_token.get_secret_value()))
+        if info is None:
+            # a new deployment: the configured encoder builds the first collection
+            self.serving = self.load_serving(s.encoder, s.encoder_checkpoint)
+            self.serving.store.point_alias()
         else:
-            retriever = TopKRetriever(self.store, s.min_score)
+            # the alias records the version that was promoted last; it wins over the setting,
+            # which chooses the encoder of a new deployment (`hybridrag reindex` switches one)
+            if info.encoder != s.encoder:
+                log.warning("the serving collection %s was built by the %s encoder; HYBRIDRAG_ENCODER=%s applies to a "
+                            "new deployment (switch this one with `hybridrag reindex --encoder %s`)",
+                            info.collection, info.encoder, s.encoder, s.encoder)
+            self.serving = self.load_serving(info.encoder, info.checkpoint, expect_version=info.encoder_version)
         if s.memory_enabled:
             from agents.memory import MemoryConfig, MemoryManager, MemoryUnavailable
 
@@ -92,16 +162,131 @@ class Runtime:
                 self.memory.recover(self.store)
             except MemoryUnavailable as exc:
                 log.warning("memory manager degraded at start: %s", exc)
-        self.query = QueryPipeline(self.encoder, retriever, make_generator(s), s.top_k, s.max_top_k)
         metrics.ENCODER_INFO.labels(self.encoder.version).set(1)
         log.info(
             "runtime ready in %.1fs: encoder %s, collection %s (%d rows)",
             time.perf_counter() - t0, self.encoder.version, self.store.name, self.store.count(),
         )
 
+    def build_synthesizer(self):
+        """The diffusion models for the serving encoder, loaded on first use (in the synth lane)."""
+        from agents.quality_filter import FilterConfig
+        from agents.synthesis import SynthesisConfig, Synthesizer, load_prior, load_text_model
+
+        s = self.settings
+        serving = self.serving
+        if self.synthesizer is None or self.synthesizer.encoder is not serving.encoder:
+            try:
+                prior = load_prior(serving.encoder)
+            except (FileNotFoundError, ValueError) as exc:
+                log.warning("synthesizer without the embedding prior: %s", exc)
+                prior = None
+            store = serving.store
+
+            def store_search(vecs):
+                # near-duplicates of what the store already holds (the default tenant's documents)
+                return np.array([hs[0].score if hs else 0.0 for hs in store.search(vecs, 1)], dtype=np.float32)
+
+            self.synthesizer = Synthesizer(
+                serving.encoder, load_text_model(), prior,
+                FilterConfig(min_query_similarity=s.synth_min_query_similarity),
+                SynthesisConfig(text_steps=s.synth_text_steps, prior_steps=s.synth_prior_steps,
+                                guidance=s.synth_guidance, seed=None),
+                store_search=store_search,
+            )
+        return self.synthesizer
+
+    def delete(self, ids: list[str]) -> int:
+        """Delete from the serving collection, and from the one being rebuilt if any (memory evictions)."""
+        with self.swap_lock:
+            rebuild = self.reindex
+            if rebuild is not None:
+                return rebuild.delete(ids)
+            return self.serving.store.delete(ids)
+
+    # ------------------------------------------------------------ writes (ingest lane)
+
+    def ingest_documents(self, docs):
+        """Index documents in the serving collection, and in the one being rebuilt if any."""
+        with self.swap_lock:
+            rebuild = self.reindex
+            if rebuild is None:
+                return self.serving.ingest.ingest_batch(docs)
+            with rebuild.lock:
+                res = self.serving.ingest.ingest_batch(docs)
+                rebuild.write_rows(res.rows)
+                n_chunks: dict[str, int] = {}
+                for r in res.rows:
+                    n_chunks[r.doc_id] = n_chunks.get(r.doc_id, 0) + 1
+                rebuild.delete_stale_chunks(n_chunks)
+                return res
+
+    def index_generated(self, docs) -> list:
+        """Index kept synthetic text documents (``synthetic=true``); returns the rows written."""
+        from agents.store import Row
+
+        with self.swap_lock:
+            serving = self.serving
+            need = [d for d in docs if d.encoder_version != serving.encoder.version or not d.embedding]
+            fresh = dict(zip((d.doc_id for d in need), serving.encoder.encode([d.text for d in need])))
+            rows = [
+                Row(f"{d.doc_id}#0", d.doc_id, 0, d.text,
+                    fresh[d.doc_id] if d.doc_id in fresh else np.asarray(d.embedding, dtype=np.float32),
+                    title=f"synthetic: {d.query[:200]}" if d.query else "synthetic", tenant=d.tenant, synthetic=True)
+                for d in docs
+            ]
+            serving.store.upsert(rows)
+            if self.reindex is not None:
+                self.reindex.write_rows(rows)
+            return rows
+
+    def start_reindex(self, encoder_kind: str, checkpoint: str, version: str):
+        """Open the new version's collection and snapshot the serving one; dual writes start here."""
+        from agents.reindex import Reindex
+
+        target = self.load_serving(encoder_kind, checkpoint, expect_version=version)
+        if target.store.name == self.serving.store.name:
+            raise ValueError(f"{version} already serves from {target.store.name}")
+        # what an interrupted earlier attempt wrote is not to be trusted: start empty
+        target.store.recreate()
+        with self.swap_lock:
+            if self.reindex is not None:
+                raise RuntimeError(f"a re-index into {self.reindex.target.name} is already running")
+            self.reindex = Reindex(self.serving.store, target.store, target.encoder, self.settings.reindex_batch)
+        return self.reindex, target
+
+    def finish_reindex(self, rebuild, target: Serving) -> tuple[int, int]:
+        """Swap: alias and serving pair together, once the counts agree."""
+        with self.swap_lock, rebuild.lock:
+            counts = rebuild.verify()
+            target.store.point_alias()
+            self.serving = target
+            self.reindex = None
+        metrics.ENCODER_INFO.labels(target.encoder.version).set(1)
+        return counts
+
+    def serving_info(self):
+        from agents.store import resolve_serving
+
+        s = self.settings
+        return resolve_serving(s.milvus_uri, s.collection, s.milvus_token.get_secret_value(), client=self.store.client)
+
+    def abort_reindex(self) -> None:
+        with self.swap_lock:
+            self.reindex = None
+
     async def run(self, fn: Callable[..., T], *args: Any, lane: str = "query") -> T:
-        pool = {"ingest": self.ingest_executor, "memory": self.memory_executor}.get(lane, self.executor)
+        pool = {"ingest": self.ingest_executor, "memory": self.memory_executor,
+                "synth": self.synth_executor}.get(lane, self.executor)
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
+def sampled(query_id: str, rate: float) -> bool:
+    """A stable coin flip per query id: a replayed query is sampled again, or again not."""
+    if rate <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(query_id.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < rate
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -121,6 +306,8 @@ def is_transient(exc: BaseException) -> bool:
             return True
     except ImportError:  # pragma: no cover
         pass
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return False  # a missing checkpoint does not come back by waiting
     return isinstance(exc, (ConnectionError, TimeoutError, OSError))
 
 
@@ -213,6 +400,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
     documents = topic(topo["documents"].name)
     queries = topic(topo["queries"].name)
     answers = topic(topo["answers"].name)
+    generated = topic(topo["generated-documents"].name)
+    retention = topic(topo["retention-updates"].name)
     dlq = {spec.name: topic(spec.dlq) for spec in topo.topics.values()}
 
     async def send_dead_letter(event, reason: str, error_type: str) -> None:
@@ -299,7 +488,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
         try:
             runtime.memory.record_ingest(DocRecord.from_rows(rows))
             if s.memory_capacity_docs or s.memory_capacity_bytes:
-                evicted = runtime.memory.evict(runtime.store)
+                evicted = runtime.memory.evict(runtime)  # deletes reach a collection being rebuilt too
                 if evicted:
                     metrics.EVICTIONS.labels(s.memory_policy).inc(len(evicted))
                     log.info("evicted %d documents (%s)", len(evicted), s.memory_policy)
@@ -319,7 +508,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
                 metrics.MEMORY_DEGRADED.inc()
 
     async def handle_documents(items: list) -> None:
-        res = await runtime.run(runtime.ingest.ingest_batch, [doc for _, doc in items], lane="ingest")
+        res = await runtime.run(runtime.ingest_documents, [doc for _, doc in items], lane="ingest")
         metrics.CHUNKS_INDEXED.inc(res.chunks)
         if runtime.memory is not None:
             await runtime.run(remember_ingest, res.rows, lane="memory")
@@ -329,7 +518,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
     async def handle_queries(items: list) -> None:
         now = time.time()
         waits = [max(0.0, (now - ev.message.timestamp) * 1e3) for ev, _ in items]
-        answers_out = await runtime.run(runtime.query.answer_batch, [q for _, q in items], waits)
+        serving = runtime.serving  # one encoder and the collection it built, for the whole batch
+        answers_out = await runtime.run(serving.query.answer_batch, [q for _, q in items], waits)
         futures = []
         for ans in answers_out:
             futures.append(await answers.send(key=ans.query_id.encode(), value=encode(ans)))
@@ -343,6 +533,101 @@ def create_app(settings: Settings | None = None) -> faust.App:
         if runtime.memory is not None:
             await runtime.run(remember_hits, [(q.query_id, q.text) for _, q in items], answers_out, lane="memory")
 
+    def synthesize(queries: list[Query]) -> list[GeneratedDocument]:
+        synth = runtime.build_synthesizer()
+        samples = synth.synthesize([(q.query_id, q.text) for q in queries], n_per_query=s.synth_samples)
+        tenants = {q.query_id: q.tenant for q in queries}
+        return [
+            GeneratedDocument(
+                query_id=d.query_id, query=d.query[:2000], doc_id=f"synth:{d.query_id}:{d.kind}:{d.sample_index}",
+                text=d.text or "", embedding=[float(x) for x in d.embedding], kept=d.kept, drop_reasons=list(d.reasons),
+                scores={k: float(v) for k, v in d.scores.items()},
+                model_versions={d.kind: d.model_version}, encoder_version=d.encoder_version,
+                tenant=tenants.get(d.query_id, ""),
+            )
+            for d in samples
+        ]
+
+    async def handle_synthesis(events: Sequence) -> None:
+        """Synthesize for the sampled queries of a batch; never dead-letters a query (the answer agent owns that)."""
+        picked = []
+        for ev in events:
+            try:
+                q = decode(Query, ev.message.value, max_bytes=s.max_message_bytes, max_text_chars=s.max_query_chars)
+            except MessageError:
+                continue  # the answer agent dead-letters it
+            if sampled(q.query_id, s.synth_sample_rate):
+                picked.append(q)
+        if not picked:
+            return
+        t0 = time.perf_counter()
+        try:
+            docs = await with_retries("synth", lambda: runtime.run(synthesize, picked, lane="synth"))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            metrics.SYNTH_FAILURES.inc(len(picked))
+            log.error("synthesis failed for %d queries (%s: %s); their answers are unaffected", len(picked),
+                      type(exc).__name__, exc, extra={"query_ids": [q.query_id for q in picked]})
+            return
+        futures = [await generated.send(key=d.query_id.encode(), value=encode(d)) for d in docs]
+        await asyncio.gather(*futures)
+        kept = sum(d.kept for d in docs)
+        metrics.SYNTH_SAMPLES.labels("kept").inc(kept)
+        metrics.SYNTH_SAMPLES.labels("dropped").inc(len(docs) - kept)
+        log.info("synthesized %d samples for %d queries, %d kept (%.0f ms)", len(docs), len(picked), kept,
+                 (time.perf_counter() - t0) * 1e3)
+
+    async def handle_generated(items: list) -> None:
+        docs = [d for _, d in items if d.kept and d.text.strip()]
+        if not docs:
+            return
+        rows = await runtime.run(runtime.index_generated, docs, lane="ingest")
+        metrics.CHUNKS_INDEXED.inc(len(rows))
+        if runtime.memory is not None:
+            await runtime.run(remember_generated, rows, docs, lane="memory")
+        log.info("indexed %d synthetic documents", len(rows))
+
+    def remember_generated(rows, docs) -> None:
+        from agents.memory import DocRecord, MemoryUnavailable
+
+        quality = {d.doc_id: min(1.0, max(0.0, d.scores.get("query_similarity", 0.0))) for d in docs}
+        try:
+            runtime.memory.record_ingest(DocRecord.from_rows(rows, quality=quality))
+        except MemoryUnavailable as exc:
+            log.warning("memory manager unavailable, synthetic documents indexed without a record: %s", exc)
+
+    async def rebuild_for(update: RetentionUpdate) -> None:
+        """Re-encode the corpus for a promoted encoder into its own collection, then swap."""
+        old = runtime.encoder.version
+        if update.encoder_version == old:
+            log.info("encoder %s already serves; nothing to re-index", old)
+            return
+        kind = "hybrid" if update.checkpoint else "original"
+        rebuild, target = await runtime.run(runtime.start_reindex, kind, update.checkpoint, update.encoder_version,
+                                            lane="ingest")
+        log.info("re-indexing %d rows: %s -> %s", rebuild.total, old, update.encoder_version)
+        try:
+            while not rebuild.done:
+                await runtime.run(rebuild.copy_slice, lane="ingest")
+            rows, _ = await runtime.run(runtime.finish_reindex, rebuild, target, lane="ingest")
+        except BaseException:
+            runtime.abort_reindex()
+            raise
+        done = RetentionUpdate(kind="reindexed", encoder_version=update.encoder_version,
+                               metrics={**rebuild.progress(), "rows": float(rows)}, checkpoint=update.checkpoint,
+                               detail=f"serving alias moved from {old}")
+        await (await retention.send(key=update.encoder_version.encode(), value=encode(done)))
+        metrics.REINDEXES.inc()
+        log.info("re-indexed %d rows in %.1fs; now serving %s", rows, done.metrics["seconds"], update.encoder_version)
+
+    async def handle_retention(items: list) -> None:
+        for _, update in items:
+            if update.kind == "encoder-promoted":
+                await rebuild_for(update)
+            else:
+                log.info("retention update: %s %s %s", update.kind, update.encoder_version, update.detail)
+
     @app.agent(documents, name="ingest_documents")
     async def ingest_documents(stream):
         await runtime.ready(app)
@@ -354,6 +639,44 @@ def create_app(settings: Settings | None = None) -> faust.App:
         await runtime.ready(app)
         async for events in stream.noack_take(s.query_batch_max, within=s.query_batch_timeout_s):
             await process("query", stream, events, handle_queries, Query, s.max_query_chars)
+
+    @app.agent(queries, name="synthesize_documents")
+    async def synthesize_documents(stream):
+        """Beside the answer path: its own stream of the queries, its own executor lane."""
+        await runtime.ready(app)
+        async for events in stream.noack_take(s.synth_batch_max * 8, within=s.synth_batch_timeout_s):
+            if s.synth_sample_rate > 0:
+                await handle_synthesis(events)
+            for ev in events:
+                await stream.ack(ev)
+
+    @app.agent(generated, name="index_generated")
+    async def index_generated(stream):
+        await runtime.ready(app)
+        async for events in stream.noack_take(s.ingest_batch_max, within=s.ingest_batch_timeout_s):
+            await process("generated", stream, events, handle_generated, GeneratedDocument, s.max_document_chars)
+
+    @app.agent(retention, name="apply_retention_updates")
+    async def apply_retention_updates(stream):
+        await runtime.ready(app)
+        async for events in stream.noack_take(1, within=1.0):
+            await process("retention", stream, events, handle_retention, RetentionUpdate, None)
+
+    @app.timer(s.alias_poll_s)
+    async def follow_serving_alias():
+        """Another worker (sharing a Milvus server) may have promoted a version: follow the alias."""
+        if runtime.serving is None or runtime.reindex is not None:
+            return
+        try:
+            info = await runtime.run(runtime.serving_info, lane="ingest")
+            if info is not None and info.collection != runtime.store.name and runtime.reindex is None:
+                target = await runtime.run(runtime.load_serving, info.encoder, info.checkpoint, info.encoder_version,
+                                           lane="ingest")
+                with runtime.swap_lock:
+                    runtime.serving = target
+                log.info("following the serving alias to %s", info.collection)
+        except Exception as exc:  # the next tick tries again; serving goes on with what it has
+            log.warning("cannot follow the serving alias: %s: %s", type(exc).__name__, exc)
 
     @app.timer(5.0)
     async def report_lag():
@@ -380,7 +703,11 @@ def create_app(settings: Settings | None = None) -> faust.App:
     async def prometheus(web, request):
         return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
 
-    app.agents_by_name = {"ingest_documents": ingest_documents, "answer_queries": answer_queries}  # type: ignore[attr-defined]
+    app.agents_by_name = {  # type: ignore[attr-defined]
+        "ingest_documents": ingest_documents, "answer_queries": answer_queries,
+        "synthesize_documents": synthesize_documents, "index_generated": index_generated,
+        "apply_retention_updates": apply_retention_updates,
+    }
     return app
 
 

@@ -132,6 +132,41 @@ def ingest(
     typer.echo(f"published {n} documents to {s.topology['documents'].name}")
 
 
+@app.command()
+def reindex(
+    encoder: str = typer.Option(..., help="Encoder to serve: original or hybrid."),
+    checkpoint: str = typer.Option("", help="Hybrid checkpoint; empty means the shipped default."),
+) -> None:
+    """Switch a running deployment to another encoder: the worker re-indexes, then swaps the alias.
+
+    Publishes an ``encoder-promoted`` event to ``retention-updates``, the same
+    event the continual learner publishes. Also the way to roll back.
+    """
+    from agents.client import AsyncClient
+    from agents.encoders import load_encoder
+    from agents.schemas import RetentionUpdate, encode
+
+    s = _settings()
+    _need_broker(s)
+    if encoder not in ("original", "hybrid"):
+        raise typer.BadParameter(f"{encoder} is not a valid encoder (original, hybrid)")
+    if encoder == "hybrid":
+        from models.hybrid_encoder import DEFAULT_CHECKPOINT
+
+        checkpoint = str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve())
+    version = load_encoder(encoder, checkpoint=checkpoint or None).version
+    update = RetentionUpdate(kind="encoder-promoted", encoder_version=version, checkpoint=checkpoint,
+                             detail="promoted by hand (hybridrag reindex)")
+    topic = s.topology["retention-updates"].name
+
+    async def go() -> None:
+        async with AsyncClient(s) as c:
+            await c.publish_raw(topic, encode(update), key=version.encode())
+
+    asyncio.run(go())
+    typer.echo(f"published encoder-promoted {version} to {topic}; the worker re-indexes, then swaps")
+
+
 @app.command("settings")
 def settings_cmd(markdown: bool = typer.Option(False, help="Print the README's Markdown table.")) -> None:
     """Print every setting with its environment variable and current value (secrets hidden)."""

@@ -24,6 +24,10 @@ ENCODER_INFO = Gauge("hybridrag_encoder_info", "Encoder serving queries (value 1
 EVICTIONS = Counter("hybridrag_evictions_total", "Documents evicted by the memory manager.", ["policy"], registry=REGISTRY)
 MEMORY_DEGRADED = Counter("hybridrag_memory_degraded_total", "Memory updates deferred because Redis was unreachable.", registry=REGISTRY)
 CONSUMER_LAG = Gauge("hybridrag_consumer_lag", "Records behind the end of each assigned partition.", ["topic", "partition"], registry=REGISTRY)
+SYNTH_SAMPLES = Counter("hybridrag_synthetic_samples_total", "Diffusion samples, by filter outcome.", ["outcome"], registry=REGISTRY)
+SYNTH_FAILURES = Counter("hybridrag_synthesis_failures_total", "Sampled queries whose synthesis failed.", registry=REGISTRY)
+REINDEXES = Counter("hybridrag_reindexes_total", "Collections rebuilt for a promoted encoder and swapped in.", registry=REGISTRY)
+LEARNER_UPDATES = Counter("hybridrag_learner_updates_total", "Continual-learning updates, by outcome.", ["outcome"], registry=REGISTRY)
 
 
 def render() -> bytes:

@@ -130,6 +130,7 @@ class QueryPipeline:
             "encode": (t1 - t0) * 1e3,
             "search": stage_ms.get("search", 0.0),
             "fine": stage_ms.get("fine", 0.0),
+            **{k: v for k, v in stage_ms.items() if k not in ("search", "fine")},  # e.g. expand
             "generate": (t3 - t2) * 1e3,
         }
         answers = []

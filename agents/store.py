@@ -148,21 +148,64 @@ class ExactMirror:
         return out
 
 
+@dataclass(frozen=True)
+class ServingInfo:
+    """What the serving alias points at: a collection and the encoder that built it."""
+
+    collection: str
+    encoder: str  # "original" or "hybrid"
+    encoder_version: str
+    checkpoint: str  # hybrid checkpoint path; empty for the original encoder
+    dim: int
+
+
+def serving_alias(base: str) -> str:
+    """The alias that names the serving collection: the base name itself."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", base)
+
+
+def milvus_client(uri: str, token: str = ""):
+    from pymilvus import MilvusClient
+
+    if "://" not in uri:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    return MilvusClient(uri, token=token) if token else MilvusClient(uri)
+
+
+def resolve_serving(uri: str, base: str, token: str = "", client=None) -> ServingInfo | None:
+    """The collection the serving alias points at, or None for a deployment that has none yet."""
+    c = client or milvus_client(uri, token)
+    alias = serving_alias(base)
+    if alias not in c.list_aliases().get("aliases", []):
+        return None
+    name = c.describe_alias(alias)["collection_name"]
+    props = c.describe_collection(name).get("properties", {}) or {}
+    if "hybridrag.encoder_version" not in props:
+        raise ValueError(f"collection {name} behind alias {alias} carries no encoder version")
+    return ServingInfo(name, props.get("hybridrag.encoder", ""), props["hybridrag.encoder_version"],
+                       props.get("hybridrag.checkpoint", ""), int(props.get("hybridrag.dim", 0)))
+
+
 class VectorStore:
-    """Chunks and their vectors for one encoder version."""
+    """Chunks and their vectors for one encoder version.
+
+    The collection records, as properties, the encoder that built it (kind,
+    version, checkpoint), so a worker that resolves the serving alias knows
+    which encoder its queries need.
+    """
 
     OUTPUT_FIELDS = ["doc_id", "chunk", "text", "title", "tenant", "synthetic"]
 
-    def __init__(self, uri: str, base: str, encoder_version: str, dim: int, token: str = ""):
-        from pymilvus import MilvusClient
-
-        if "://" not in uri:
-            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, uri: str, base: str, encoder_version: str, dim: int, token: str = "", *,
+                 encoder: str = "", checkpoint: str = ""):
         self.uri = uri
+        self.base = base
         self.dim = dim
         self.encoder_version = encoder_version
+        self.encoder_kind = encoder
+        self.checkpoint = checkpoint
         self.name = collection_name(base, encoder_version)
-        self.client = MilvusClient(uri, token=token) if token else MilvusClient(uri)
+        self.client = milvus_client(uri, token)
         # MilvusClient is not documented thread-safe; the agents call it from executors
         self._lock = threading.Lock()
         self._ensure_collection()
@@ -210,6 +253,12 @@ class VectorStore:
             params = {} if index_type == "FLAT" else {"M": 16, "efConstruction": 200}
             index.add_index("vector", index_type=index_type, metric_type="IP", params=params)
             self.client.create_collection(self.name, schema=schema, index_params=index)
+            self.client.alter_collection_properties(self.name, properties={
+                "hybridrag.encoder": self.encoder_kind,
+                "hybridrag.encoder_version": self.encoder_version,
+                "hybridrag.checkpoint": self.checkpoint,
+                "hybridrag.dim": str(self.dim),
+            })
             log.info("created collection %s (dim %d, %s)", self.name, self.dim, index_type)
 
     def upsert(self, rows: Sequence[Row]) -> int:
@@ -313,6 +362,51 @@ class VectorStore:
                     for h in hits
                 ]
         return [o or [] for o in out]
+
+    def ids(self) -> list[str]:
+        """Every row id, for a re-index snapshot."""
+        if self.mirror is not None:
+            with self._lock:
+                return list(self.mirror.row_of)
+        out: list[str] = []
+        with self._lock:
+            it = self.client.query_iterator(self.name, batch_size=5000, filter="", output_fields=["id"])
+            while batch := it.next():
+                out.extend(r["id"] for r in batch)
+            it.close()
+        return out
+
+    def get(self, ids: Sequence[str]) -> list[dict]:
+        """The stored rows (text, title, doc_id, chunk, tenant, synthetic) of ``ids`` that still exist."""
+        if not ids:
+            return []
+        if self.mirror is not None:
+            with self._lock:
+                rows = [self.mirror.meta[r] for i in ids if (r := self.mirror.row_of.get(i)) is not None]
+            return [dict(zip(("id", "doc_id", "chunk", "text", "title", "tenant", "synthetic"), m)) for m in rows]
+        with self._lock:
+            return list(self.client.get(self.name, ids=list(ids), output_fields=["id"] + self.OUTPUT_FIELDS))
+
+    def point_alias(self) -> None:
+        """Make this collection the serving one: one atomic alias switch, which searches by name never see."""
+        alias = serving_alias(self.base)
+        with self._lock:
+            if alias in self.client.list_aliases().get("aliases", []):
+                self.client.alter_alias(self.name, alias)
+            else:
+                self.client.create_alias(self.name, alias)
+        log.info("serving alias %s -> %s", alias, self.name)
+
+    def drop(self) -> None:
+        with self._lock:
+            self.client.drop_collection(self.name)
+
+    def recreate(self) -> None:
+        """Start this collection over, empty (a re-index that a crash interrupted leaves rows behind)."""
+        self.drop()
+        self._ensure_collection()
+        if self.mirror is not None:
+            self.mirror = ExactMirror(self.dim)
 
     def count(self) -> int:
         if self.mirror is not None:

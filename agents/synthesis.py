@@ -180,6 +180,31 @@ def expansion_retriever(prior, cfg: ExpansionConfig | None = None):
     return factory
 
 
+class ExpandingRetriever:
+    """A :class:`agents.pipeline.Retriever` that searches with diffusion-expanded query vectors.
+
+    The query is blended with ``cfg.k`` hypothetical document embeddings from
+    the prior (HyDE, https://arxiv.org/abs/2212.10496, with a diffusion prior
+    in place of an LLM), then handed to the wrapped retriever.
+    """
+
+    def __init__(self, inner, prior, cfg: ExpansionConfig | None = None):
+        self.inner = inner
+        self.prior = prior
+        self.cfg = cfg or ExpansionConfig()
+
+    def retrieve(self, texts, vectors, top_k, tenants, include_synthetic):
+        from models.embedding_diffusion import expand_queries
+
+        t0 = time.perf_counter()
+        c = self.cfg
+        vecs = expand_queries(vectors, self.prior, k=c.k, weight=c.weight, steps=c.steps, guidance=c.guidance,
+                              gate_threshold=c.gate_threshold, seed=c.seed)
+        expand_ms = (time.perf_counter() - t0) * 1e3
+        hits, stage_ms = self.inner.retrieve(texts, vecs, top_k, tenants, include_synthetic)
+        return hits, {**stage_ms, "expand": expand_ms}
+
+
 def expansion_system(encoder: Encoder, cfg: ExpansionConfig | None = None, name: str | None = None):
     """An :class:`agents.evaluation.DenseSystem` that searches with diffusion-expanded queries (``eval --expand diffusion``)."""
     from agents.evaluation import DenseSystem

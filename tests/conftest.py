@@ -65,6 +65,7 @@ def make_settings(broker, tmp_path, redis_url):
             kafka_heartbeat_interval_s=1.0,
             kafka_commit_interval_s=0.5,
             encoder="original",
+            synth_sample_rate=0.0,  # the diffusion models only where a test asks for them
             log_level="info",
         )
         values.update(overrides)
