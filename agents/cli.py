@@ -210,6 +210,10 @@ def _register_subapps() -> None:
         sub = getattr(mod, "app", None)
         if sub is None:
             continue
+        if name and callable(getattr(mod, name, None)) and len(sub.registered_commands) == 1:
+            # a single command reads `hybridrag synth "query"`, not `hybridrag synth synth "query"`
+            app.command(name)(getattr(mod, name))
+            continue
         if name is None:
             app.add_typer(sub)
         else:
