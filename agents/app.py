@@ -541,7 +541,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
             GeneratedDocument(
                 query_id=d.query_id, query=d.query[:2000], doc_id=f"synth:{d.query_id}:{d.kind}:{d.sample_index}",
                 text=d.text or "", embedding=[float(x) for x in d.embedding], kept=d.kept, drop_reasons=list(d.reasons),
-                scores={k: float(v) for k, v in d.scores.items()},
+                scores={k: float(v) for k, v in d.scores.items() if v is not None},
                 model_versions={d.kind: d.model_version}, encoder_version=d.encoder_version,
                 tenant=tenants.get(d.query_id, ""),
             )
