@@ -656,6 +656,78 @@ def create_app(settings: Settings | None = None) -> faust.App:
         async for events in stream.noack_take(s.ingest_batch_max, within=s.ingest_batch_timeout_s):
             await process("generated", stream, events, handle_generated, GeneratedDocument, s.max_document_chars)
 
+    learner: dict[str, Any] = {"buffer": None, "task": None, "idle_logged": False}
+
+    def learner_active() -> bool:
+        """The learner fine-tunes the hybrid encoder; MiniLM is the teacher and the fallback."""
+        active = s.learner_enabled and runtime.serving is not None and runtime.serving.encoder_kind == "hybrid"
+        if not active and s.learner_enabled and not learner["idle_logged"]:
+            learner["idle_logged"] = True
+            log.info("continual learner idle: it fine-tunes the hybrid encoder, and this worker serves %s",
+                     runtime.encoder.version if runtime.encoder else "nothing yet")
+        return active
+
+    def buffer_examples(docs) -> int:
+        from agents.continual import LearnerConfig, TrainingBuffer
+
+        if learner["buffer"] is None:
+            learner["buffer"] = TrainingBuffer.from_config(LearnerConfig.from_settings(s))
+        learner["buffer"].add(docs)
+        return learner["buffer"].size()
+
+    async def learner_update() -> None:
+        """One update: snapshot the buffer, fine-tune in a subprocess, publish the decision, drop what it used."""
+        from agents.continual import LearnerConfig, gather_replay, run_update_in_subprocess
+
+        cfg = LearnerConfig.from_settings(s)
+        buf = learner["buffer"]
+        serving = runtime.serving
+        examples = await runtime.run(buf.snapshot, max(cfg.min_examples, 1) * 4, lane="memory")
+        replay = None
+        if runtime.memory is not None and cfg.replay_fraction > 0:
+            replay = await runtime.run(gather_replay, runtime.memory, cfg.replay_pool, serving.store, lane="memory")
+        log.info("continual learner: fine-tuning %s on %d examples", serving.encoder.version, len(examples))
+        result = await run_update_in_subprocess(serving.checkpoint or None, examples, replay, cfg)
+        if result.error:
+            metrics.LEARNER_UPDATES.labels("failed").inc()
+            log.error("continual learner update failed: %s (the examples stay buffered)", result.error)
+            return
+        update = result.to_retention_update()
+        await (await retention.send(key=update.encoder_version.encode(), value=encode(update)))
+        await runtime.run(buf.drop, [e.doc_id for e in examples], lane="memory")
+        metrics.LEARNER_UPDATES.labels("promoted" if result.promoted else "rejected").inc()
+        log.info("continual learner: %s %s (%s)", update.kind, update.encoder_version, result.detail)
+
+    async def handle_learning(events: Sequence) -> None:
+        docs = []
+        for ev in events:
+            try:
+                docs.append(decode(GeneratedDocument, ev.message.value, max_bytes=s.max_message_bytes,
+                                   max_text_chars=s.max_document_chars))
+            except MessageError:
+                continue  # the indexer dead-letters it
+        if not docs or not learner_active():
+            return
+        size = await with_retries("learner", lambda: runtime.run(buffer_examples, docs, lane="memory"))
+        task = learner["task"]
+        if size >= s.learner_min_examples and (task is None or task.done()):
+            # in the background: buffered examples are in Redis, so the stream's records can be acked now
+            learner["task"] = asyncio.create_task(learner_update())
+
+    @app.agent(generated, name="learn_from_generated")
+    async def learn_from_generated(stream):
+        """Generated documents into the learner's buffer (Redis); an update when enough are there."""
+        await runtime.ready(app)
+        async for events in stream.noack_take(s.ingest_batch_max, within=s.ingest_batch_timeout_s):
+            try:
+                await handle_learning(events)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # learning is an improvement, never a reason to stop the stream
+                log.error("continual learner could not buffer %d records: %s: %s", len(events), type(exc).__name__, exc)
+            for ev in events:
+                await stream.ack(ev)
+
     @app.agent(retention, name="apply_retention_updates")
     async def apply_retention_updates(stream):
         await runtime.ready(app)
@@ -706,7 +778,7 @@ def create_app(settings: Settings | None = None) -> faust.App:
     app.agents_by_name = {  # type: ignore[attr-defined]
         "ingest_documents": ingest_documents, "answer_queries": answer_queries,
         "synthesize_documents": synthesize_documents, "index_generated": index_generated,
-        "apply_retention_updates": apply_retention_updates,
+        "apply_retention_updates": apply_retention_updates, "learn_from_generated": learn_from_generated,
     }
     return app
 
