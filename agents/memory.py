@@ -749,6 +749,41 @@ class MemoryManager:
 
         return self._call(run)
 
+    def most_recent(self, n: int, now: float | None = None) -> list[ImportantDoc]:
+        """The ``n`` most recently touched documents, latest first, with a text sample.
+
+        What the latest queries retrieved (or the latest ingest added): the
+        continual learner's view of the current traffic's documents.
+        """
+        now = time.time() if now is None else now
+        H = self.config.half_life_s
+
+        def run() -> list[ImportantDoc]:
+            ids = [m.decode() for m in self.client.zrevrange(self._k("z:lru"), 0, n - 1)]
+            pipe = self.client.pipeline(transaction=False)
+            for d in ids:
+                pipe.hgetall(self._doc(d))
+                pipe.zscore(self._k("z:imp"), d)
+            res = pipe.execute()
+            out = []
+            for i, d in enumerate(ids):
+                h, key = res[2 * i], res[2 * i + 1]
+                if not h:
+                    continue
+                g = {k.decode(): v.decode() for k, v in h.items()}
+                out.append(
+                    ImportantDoc(
+                        doc_id=d, importance=0.0 if key is None else importance_at(key, now, H),
+                        accesses=int(g.get("accesses", 0)), hits=int(g.get("hits", 0)),
+                        last_access=float(g.get("last_access", 0)), quality=float(g.get("quality", 1)),
+                        synthetic=g.get("synthetic") == "1", tenant=g.get("tenant", ""), title=g.get("title", ""),
+                        sample=g.get("sample", ""),
+                    )
+                )
+            return out
+
+        return self._call(run)
+
     def top_patterns(self, n: int, now: float | None = None) -> list[Pattern]:
         """The ``n`` most important query patterns with the documents their answers cited."""
         now = time.time() if now is None else now

@@ -408,6 +408,33 @@ class VectorStore:
         if self.mirror is not None:
             self.mirror = ExactMirror(self.dim)
 
+    def texts(self, doc_ids: Sequence[str]) -> dict[str, str]:
+        """The text of each stored document's first chunk, by doc id; ids not stored are left out.
+
+        For readers that know documents by id only (the continual learner replays
+        important documents the memory holds no text sample of).
+        """
+        wanted = list(dict.fromkeys(doc_ids))
+        if not wanted:
+            return {}
+        out: dict[str, str] = {}
+        if self.mirror is not None:
+            with self._lock:
+                for d in wanted:
+                    rows = [r for r in self.mirror.rows_of_doc.get(d, ()) if self.mirror.alive[r]]
+                    if rows:
+                        out[d] = self.mirror.meta[min(rows, key=lambda r: self.mirror.meta[r][2])][3]
+            return out
+        # ids are validated to a safe charset by the schemas, so quoting is enough
+        quoted = ", ".join(f'"{d}"' for d in wanted)
+        with self._lock:
+            rows = self.client.query(self.name, filter=f"doc_id in [{quoted}]", output_fields=["doc_id", "chunk", "text"])
+        first: dict[str, tuple[int, str]] = {}
+        for r in rows:
+            if r["doc_id"] not in first or r["chunk"] < first[r["doc_id"]][0]:
+                first[r["doc_id"]] = (int(r["chunk"]), r["text"])
+        return {d: t for d, (_, t) in first.items()}
+
     def count(self) -> int:
         if self.mirror is not None:
             return self.mirror.count()
