@@ -379,7 +379,7 @@ class HybridEncoderRuntime:
         self.device = torch.device(device)
         self.quantized = bool(quantize)
         model = model.eval()
-        self.model = quantize_encoder(model, self.device) if quantize else model.to(self.device)
+        self.model = quantize_encoder(model, self.device, inplace=True) if quantize else model.to(self.device)
         self.dim = self.cfg.out_dim
         self.version = meta["version"] + ("-int8" if quantize else "")
         want = meta.get("tokenizer", {}).get("sha256")

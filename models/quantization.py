@@ -103,13 +103,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_encoder(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
-    """An INT8-weight copy of a ``HybridEncoder`` for inference on ``device``.
+def quantize_encoder(model: nn.Module, device: torch.device | str = "cpu", inplace: bool = False) -> nn.Module:
+    """An INT8-weight version of a ``HybridEncoder`` for inference on ``device``.
 
-    The input model is left as it is.
+    The input model is left as it is unless ``inplace``: then its FP32 weights
+    are replaced, so loading never holds two FP32 copies at once.
     """
     device = torch.device(device)
-    q = copy.deepcopy(model).eval().cpu()
+    q = (model if inplace else copy.deepcopy(model)).eval().cpu()
     q.embed.tokens = Int8Embedding(q.embed.tokens)
     names = _quantizable_linears(q)
     if device.type == "cuda":
@@ -120,7 +121,8 @@ def quantize_encoder(model: nn.Module, device: torch.device | str = "cpu") -> nn
 
     with warnings.catch_warnings():  # eager-mode quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
-        return quantize_dynamic(q, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8)
+        return quantize_dynamic(q, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8,
+                                inplace=inplace)
 
 
 def weight_bytes(model: nn.Module) -> int:
