@@ -57,7 +57,6 @@ import asyncio
 import csv
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -70,9 +69,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 log = logging.getLogger(__name__)
-
-TEACHER_VERSION = "minilm-l6-v2"  # agents.encoders.ORIGINAL_VERSION, without importing torch here
-
 
 # ----------------------------------------------------------------------------- config
 
@@ -692,15 +688,21 @@ def canary_set(dataset: str, n_queries: int, n_distractors: int, seed: int = 0) 
     return _CANARIES[key]
 
 
-def ndcg_of(encoder, queries: Sequence[str], query_ids: Sequence[str], qrels, doc_ids: Sequence[str],
-            doc_texts: Sequence[str], k: int = 10) -> float:
-    """Mean nDCG@k of exact cosine search with ``encoder`` over the given corpus."""
+def ndcg_per_query(encoder, queries: Sequence[str], query_ids: Sequence[str], qrels, doc_ids: Sequence[str],
+                   doc_texts: Sequence[str], k: int = 10) -> np.ndarray:
+    """nDCG@k (Q,) of each query under exact cosine search with ``encoder`` over the given corpus."""
     from agents.evaluation import ndcg_at_k, top_k_cosine
 
     doc_vecs = encoder.encode(list(doc_texts))
     q_vecs = encoder.encode(list(queries))
     top = top_k_cosine(q_vecs, doc_vecs, k)
-    return float(np.mean([ndcg_at_k([doc_ids[i] for i in row], qrels[q], k) for q, row in zip(query_ids, top)]))
+    return np.array([ndcg_at_k([doc_ids[i] for i in row], qrels[q], k) for q, row in zip(query_ids, top)])
+
+
+def ndcg_of(encoder, queries: Sequence[str], query_ids: Sequence[str], qrels, doc_ids: Sequence[str],
+            doc_texts: Sequence[str], k: int = 10) -> float:
+    """Mean nDCG@k of exact cosine search with ``encoder`` over the given corpus."""
+    return float(ndcg_per_query(encoder, queries, query_ids, qrels, doc_ids, doc_texts, k).mean())
 
 
 def canary_score(checkpoint: str | Path | None, cfg: LearnerConfig, quantize: bool = True) -> float:
@@ -845,9 +847,9 @@ async def run_update_in_subprocess(base_checkpoint: str | None, examples: Sequen
             proc.kill()
             await proc.wait()
             raise
-    tail = _tail(log_path)
-    if rc != 0 or not result_path.exists():
-        return UpdateResult.failed(f"update process exited with {rc}: {tail}", seconds=time.monotonic() - t0)
+    if not result_path.exists():  # it died before it could say why (killed, out of memory, import error)
+        return UpdateResult.failed(f"update process exited with {rc} and no result: {_tail(log_path)}",
+                                   seconds=time.monotonic() - t0)
     result = UpdateResult(**json.loads(result_path.read_text()))
     if not result.error:
         job.unlink(missing_ok=True)  # the examples are in Redis; the log stays for the record
