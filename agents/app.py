@@ -740,7 +740,8 @@ def create_app(settings: Settings | None = None) -> faust.App:
         if runtime.serving is None or runtime.reindex is not None:
             return
         try:
-            info = await runtime.run(runtime.serving_info, lane="ingest")
+            # not the ingest lane: a long ingest batch would hold the check back
+            info = await runtime.run(runtime.serving_info, lane="memory")
             if info is not None and info.collection != runtime.store.name and runtime.reindex is None:
                 target = await runtime.run(runtime.load_serving, info.encoder, info.checkpoint, info.encoder_version,
                                            lane="ingest")
