@@ -11,7 +11,10 @@ A sample is dropped, with every reason recorded, when it is
 * ``repetitive``: too many repeated words or bigrams (degenerate loops such as
   "the the the" or "of the of the");
 * ``unknown_tokens``: too many ``[UNK]`` tokens (words outside the model's vocabulary);
-* ``too_short``: fewer than ``min_words`` words.
+* ``too_short``: fewer than ``min_words`` words (punctuation marks are not words);
+* ``copy_of_context``: a sample rewritten from a context passage (the text
+  diffusion model's partial denoising, SDEdit) that changed less than
+  ``min_context_edit_rate`` of its words: a rewrite must not be a copy.
 
 Embedding-only samples (the prior's output, no text) get the similarity and
 duplicate checks only. Everything here is pure: NumPy in, decisions out.
@@ -41,7 +44,10 @@ class FilterConfig:
     max_unigram_repetition: float = 0.5  # share of words that repeat an earlier word
     max_bigram_repetition: float = 0.2  # share of bigrams that repeat an earlier bigram
     max_unknown_rate: float = 0.1  # share of [UNK] tokens
-    min_words: int = 3  # shorter texts say nothing
+    min_words: int = 3  # shorter texts say nothing (punctuation is not a word: "-bee ()" is one word)
+    # word-level edit distance to the context the sample was rewritten from, over the longer length:
+    # below this the sample is the context with a word or so swapped, i.e. a copy (one word in five must change)
+    min_context_edit_rate: float = 0.2
 
 
 @dataclass
@@ -52,6 +58,7 @@ class Candidate:
     text: str | None = None
     unknown_tokens: int = 0
     total_tokens: int = 0
+    context: str | None = None  # the passage the sample was rewritten from (None: written from scratch)
 
 
 @dataclass
@@ -63,6 +70,7 @@ class FilterScores:
     bigram_repetition: float | None = None
     unknown_rate: float | None = None
     words: int | None = None
+    context_edit_rate: float | None = None  # word-level edit rate to its context (None: no context)
 
 
 @dataclass
@@ -89,6 +97,26 @@ def repetition_rate(tokens: Sequence[str], n: int = 1) -> float:
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
+
+
+def edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
+    """Levenshtein distance between two token sequences: insertions, deletions and substitutions, each 1."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def edit_rate(sample: Sequence[str], context: Sequence[str]) -> float:
+    """Share of the sample that differs from its context: edit distance over the longer length, in [0, 1].
+
+    0 for a verbatim copy; 1 when no word survives in place.
+    """
+    longest = max(len(sample), len(context))
+    return edit_distance(sample, context) / longest if longest else 0.0
 
 
 def unknown_rate(unknown_tokens: int, total_tokens: int) -> float:
@@ -148,16 +176,20 @@ def judge(
                 reasons.append("duplicate_store")
         if c.text is not None:
             w = words(c.text)
-            scores.words = len(w)
+            scores.words = sum(1 for t in w if any(ch.isalnum() for ch in t))
             scores.unigram_repetition = repetition_rate(w, 1)
             scores.bigram_repetition = repetition_rate(w, 2)
             scores.unknown_rate = unknown_rate(c.unknown_tokens, c.total_tokens)
-            if len(w) < cfg.min_words:
+            if scores.words < cfg.min_words:
                 reasons.append("too_short")
             if scores.unigram_repetition > cfg.max_unigram_repetition or scores.bigram_repetition > cfg.max_bigram_repetition:
                 reasons.append("repetitive")
             if scores.unknown_rate > cfg.max_unknown_rate:
                 reasons.append("unknown_tokens")
+            if c.context is not None:
+                scores.context_edit_rate = edit_rate(w, words(c.context))
+                if scores.context_edit_rate < cfg.min_context_edit_rate:
+                    reasons.append("copy_of_context")
         if not reasons:
             kept.append(int(i))
         decisions[i] = Decision(kept=not reasons, reasons=reasons, scores=scores)

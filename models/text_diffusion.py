@@ -30,6 +30,18 @@ number of masks tells it), and that is what makes the sampler's cache exact:
 when a step unmasks nothing, the input is unchanged, so the denoiser's output
 is too and is reused instead of recomputed (MDLM Sec. 3.3, "caching").
 
+Writing from context (SDEdit for masked diffusion; Meng et al. 2021,
+https://arxiv.org/abs/2108.01073): instead of starting the reverse process at
+t = 1 from an all-``[MASK]`` document, start it at t0 = ``strength`` from a given
+document (a passage retrieved for the query) passed through the forward
+process, so that a fraction ~t0 of its tokens is masked, and run the same
+sampler from t0 to 0. Each token is masked with the probability the denoiser
+was trained on at t0 (MDLM trains on every t), so nothing new is learned; by
+default a word's WordPiece pieces are masked together, so that no word is
+left half old, half new. ``strength = 1`` is the from-scratch sampler. A small
+model that cannot write readable text from nothing can still rewrite real text
+toward the query.
+
 Layers wrap each other: :class:`Denoiser` (transformer backbone),
 :class:`MaskedDiffusion` (noise, ``loss = diffusion(batch)``, the NELBO and the
 sampler), and :class:`TextDiffusionModel` (tokenizer + vocab + diffusion: text in,
@@ -39,6 +51,7 @@ text out) for the query path.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -74,6 +87,21 @@ def antithetic_times(batch: int, eps: float = 1e-3, generator: torch.Generator |
     u = torch.rand(1, generator=generator)
     t = (u + torch.arange(batch) / batch) % 1
     return eps + (1 - eps) * t
+
+
+def reverse_times(steps: int, t_start: float = 1.0) -> list[float]:
+    """The sampler's time grid from ``t_start`` down to 0: ``n + 1`` times, ``n = ceil(steps * t_start)``.
+
+    Uniform steps of width ~1/steps, so a partial run (SDEdit, t_start < 1)
+    keeps the step density of a full one and costs a fraction t_start of it;
+    ``t_start = 1`` gives the full grid ``1 - i / steps`` exactly.
+    """
+    if not 0.0 < t_start <= 1.0:
+        raise ValueError(f"t_start must be in (0, 1], got {t_start}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    n = max(1, math.ceil(steps * t_start - 1e-9))
+    return [t_start * (1 - i / n) for i in range(n + 1)]
 
 
 def unmask_probability(t: float, s: float, eps: float = 1e-3) -> float:
@@ -220,11 +248,19 @@ class MaskedDiffusion(nn.Module):
         logits[..., MASK] = -torch.inf
         return logits.log_softmax(-1)
 
-    def mask(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x_t: each document token becomes ``[MASK]`` with probability 1 - alpha_t; t is (B,)."""
+    def mask(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
+             word_start: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t: each document token becomes ``[MASK]`` with probability 1 - alpha_t; t is (B,).
+
+        ``word_start``: (B, doc_len) int64, the position of the first piece of
+        the word each document token belongs to; a word's pieces are then
+        masked together (whole-word masking), each still with probability 1 - alpha_t.
+        """
         doc = x0[:, self.cfg.query_len :]
         p_mask = 1 - loglinear_alpha(t, self.cfg.eps)  # (B,)
         u = torch.rand(doc.shape, generator=generator, device=x0.device)
+        if word_start is not None:
+            u = u.gather(1, word_start)  # a word's pieces share their first piece's draw
         masked = u < p_mask[:, None]
         x_t = x0.clone()
         x_t[:, self.cfg.query_len :] = torch.where(masked, MASK, doc)
@@ -250,6 +286,22 @@ class MaskedDiffusion(nn.Module):
         t = antithetic_times(x0.shape[0], self.cfg.eps).to(x0.device)
         return self.nelbo(x0, t).mean() / self.cfg.doc_len
 
+    def noise(self, x0: torch.Tensor, t0: float, generator: torch.Generator | None = None,
+              word_start: torch.Tensor | None = None) -> torch.Tensor:
+        """The start of a partial reverse run (SDEdit): x_t0 ~ q(x_t0 | x0) on the document region, (B, L) int64.
+
+        Each document token (its words, closing ``[SEP]`` and padding alike, as
+        in training) is masked with probability ``1 - alpha_t0``, independently
+        or, given ``word_start`` (see :meth:`mask`), by whole words; the query
+        is untouched. ``t0 >= 1`` masks every document token without drawing
+        from ``generator``: the from-scratch start of :meth:`sample`.
+        """
+        if t0 >= 1.0:
+            x = x0.clone()
+            x[:, self.cfg.query_len :] = MASK
+            return x
+        return self.mask(x0, torch.full((x0.shape[0],), float(t0), device=x0.device), generator, word_start)
+
     @torch.no_grad()
     def sample(
         self,
@@ -259,13 +311,17 @@ class MaskedDiffusion(nn.Module):
         top_p: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        t_start: float = 1.0,
     ) -> tuple[torch.Tensor, int]:
-        """Ancestral MDLM sampling from t = 1 to 0 in ``steps`` uniform steps.
+        """Ancestral MDLM sampling from t = ``t_start`` to 0 on the grid of :func:`reverse_times`.
 
-        x: (B, L) rows from :func:`layout` with the document all ``[MASK]``.
-        Returns the filled rows and the number of denoiser row-evaluations made
-        (with the cache, rows whose input did not change since the last step
-        reuse their probabilities).
+        x: (B, L) int64 rows from :func:`layout`: with the document all ``[MASK]``
+        for ``t_start = 1``, or a start from :meth:`noise` at ``t0 = t_start``.
+        Only ``[MASK]`` positions are ever written: the query and every document
+        token that is not masked at the start come out unchanged.
+        Returns the filled rows (B, L) and the number of denoiser
+        row-evaluations made (with the cache, rows whose input did not change
+        since the last step reuse their probabilities).
         """
         x = x.clone()
         qlen = self.cfg.query_len
@@ -273,8 +329,8 @@ class MaskedDiffusion(nn.Module):
         probs: torch.Tensor | None = None
         stale = torch.ones(B, dtype=torch.bool, device=x.device)  # rows whose cached probs are out of date
         evals = 0
-        for i in range(steps):
-            t, s = 1 - i / steps, 1 - (i + 1) / steps
+        times = reverse_times(steps, t_start)
+        for t, s in zip(times[:-1], times[1:]):
             if probs is None or not use_cache:
                 probs = self._probs(x, temperature, top_p)
                 evals += B
@@ -312,13 +368,35 @@ class MaskedDiffusion(nn.Module):
         return diffusion.eval()
 
 
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Top-p filtering (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751) of (..., V) probabilities, renormalised."""
-    sorted_p, order = probs.sort(-1, descending=True)
+def nucleus(probs: torch.Tensor, top_p: float, k: int = 512) -> torch.Tensor:
+    """Top-p filtering (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751) of (..., V) probabilities, renormalised.
+
+    A row whose ``k`` most likely tokens hold at least ``top_p`` of its mass
+    has its nucleus inside them, so only those are ranked; the other rows sort
+    the whole vocabulary. Same result; sorting every 17k-token row at every
+    sampler step was most of the sampling time.
+    """
+    shape, V = probs.shape, probs.shape[-1]
+    flat = probs.reshape(-1, V)
+    out = torch.zeros_like(flat)
+    if k < V:
+        top_p_, top_i = flat.topk(k, -1)  # (N, k) descending
+        short = top_p_.sum(-1) >= top_p  # rows whose nucleus lies in their top k
+        out[short] = _keep_nucleus(flat[short], top_p_[short], top_i[short], top_p)
+        rest = ~short
+    else:
+        rest = torch.ones(len(flat), dtype=torch.bool, device=probs.device)
+    if rest.any():
+        sorted_p, order = flat[rest].sort(-1, descending=True)
+        out[rest] = _keep_nucleus(flat[rest], sorted_p, order, top_p)
+    return (out / out.sum(-1, keepdim=True)).reshape(shape)
+
+
+def _keep_nucleus(probs: torch.Tensor, sorted_p: torch.Tensor, order: torch.Tensor, top_p: float) -> torch.Tensor:
+    """(N, V) probabilities zeroed outside the nucleus, given the rows' (N, k) leading probabilities and their ids."""
     before = sorted_p.cumsum(-1) - sorted_p  # mass strictly above each token
     sorted_p = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
-    out = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return out / out.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
 
 
 # ---------------------------------------------------------------- text in, text out
@@ -356,6 +434,10 @@ class TextDiffusionModel:
         self.tokenizer = tokenizer or load_tokenizer()
         self.meta = meta or {}
         self.cfg = diffusion.cfg
+        # compact id -> is a WordPiece "##" continuation (for whole-word noising)
+        self.continuation = np.zeros(len(vocab), dtype=bool)
+        self.continuation[N_SPECIAL:] = [self.tokenizer.id_to_token(int(w)).startswith("##")
+                                         for w in vocab.wordpiece_ids]
 
     @classmethod
     def load(cls, path) -> "TextDiffusionModel":
@@ -374,6 +456,19 @@ class TextDiffusionModel:
         ]
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros((0, self.cfg.query_len + self.cfg.doc_len), dtype=torch.long)
 
+    def fit_document(self, text: str) -> list[int]:
+        """Compact ids of the part of ``text`` the document region holds: whole sentences (:func:`fit_sentences`)."""
+        from agents.datasets import split_sentences
+
+        sentences = split_sentences(text) or [text]
+        return fit_sentences([self.vocab.encode(ids).tolist() for ids in wordpiece(self.tokenizer, sentences)],
+                             self.cfg.doc_len - 1)
+
+    def as_seen(self, docs: Sequence[str]) -> list["Generated"]:
+        """Documents as :meth:`generate` starts from them: cut to whole sentences (:meth:`fit_document`) and decoded."""
+        rows = [layout([], self.fit_document(d), self.cfg.query_len, self.cfg.doc_len) for d in docs]
+        return [self.decode(row[self.cfg.query_len :]) for row in rows]
+
     def generate(
         self,
         queries: Sequence[str],
@@ -383,16 +478,54 @@ class TextDiffusionModel:
         top_p: float = 0.9,
         use_cache: bool = True,
         seed: int | None = 0,
+        init_docs: Sequence[str] | None = None,
+        strength: float = 1.0,
+        whole_words: bool = True,
     ) -> list[list["Generated"]]:
-        """``n`` documents per query: a list (per query) of :class:`Generated`."""
+        """``n`` documents per query: a list (per query) of ``n`` :class:`Generated`.
+
+        ``init_docs``: documents to start from (SDEdit; e.g. passages retrieved
+        for the query), either one per generated document in query-major order
+        (``len(queries) * n``: sample j of query i starts from
+        ``init_docs[i * n + j]``) or one per query, shared by its ``n`` samples.
+        Each is cut to the whole sentences that fit the document region
+        (:meth:`fit_document`). ``strength`` in (0, 1] is the time t0 the reverse
+        process starts from: about that fraction of the document region is
+        masked and rewritten, the rest is kept. ``strength = 1`` or no
+        ``init_docs`` writes from scratch (the same samples, for a seed, as
+        before init documents existed). ``whole_words``: noise an init document
+        by whole words (:meth:`MaskedDiffusion.mask`), so that a word is kept or
+        rewritten, never left half a word with a new ending.
+        """
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
         if not queries:
             return []
-        x = self.rows([q for q in queries for _ in range(n)])
+        rows_q = [q for q in queries for _ in range(n)]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        inits: list[Generated | None] = [None] * len(rows_q)
+        if init_docs is None:
+            x = self.rows(rows_q)
+        else:
+            if len(init_docs) == len(queries):
+                init_docs = [d for d in init_docs for _ in range(n)]
+            elif len(init_docs) != len(rows_q):
+                raise ValueError(f"init_docs: expected {len(queries)} (one per query) or {len(rows_q)} "
+                                 f"(one per sample), got {len(init_docs)}")
+            q_ids = wordpiece(self.tokenizer, rows_q)
+            x0 = torch.from_numpy(np.stack([
+                layout(self.vocab.encode(q), self.fit_document(d), self.cfg.query_len, self.cfg.doc_len)
+                for q, d in zip(q_ids, init_docs)]))
+            inits = [self.decode(row[self.cfg.query_len :]) for row in x0.numpy()]
+            starts = torch.from_numpy(word_starts(self.continuation[x0[:, self.cfg.query_len :].numpy()])) \
+                if whole_words else None
+            x = self.diffusion.noise(x0, strength, generator=gen, word_start=starts)
         with torch.inference_mode():
             out, _ = self.diffusion.sample(x, steps=steps, temperature=temperature, top_p=top_p,
-                                           use_cache=use_cache, generator=gen)
+                                           use_cache=use_cache, generator=gen, t_start=strength)
         docs = [self.decode(row[self.cfg.query_len :]) for row in out.numpy()]
+        for d, init in zip(docs, inits):
+            d.init_text = None if init is None else init.text
         return [docs[i * n : (i + 1) * n] for i in range(len(queries))]
 
     def decode(self, doc: np.ndarray) -> "Generated":
@@ -400,6 +533,7 @@ class TextDiffusionModel:
         stop = np.flatnonzero((doc == SEP) | (doc == PAD))
         body = doc[: stop[0]] if len(stop) else doc
         text = self.tokenizer.decode(self.vocab.decode(body), skip_special_tokens=True) if len(body) else ""
+        text = tidy_spacing(text)
         return Generated(text=text, token_ids=body.tolist(), unk_count=int((body == UNK).sum()))
 
     @torch.no_grad()
@@ -434,3 +568,56 @@ class Generated:
     text: str
     token_ids: list[int]
     unk_count: int
+    init_text: str | None = None  # the document it was rewritten from, as the model saw it (None: from scratch)
+
+
+def word_starts(is_continuation: np.ndarray) -> np.ndarray:
+    """For each position, the position of the first piece of its word: (..., N) bool -> (..., N) int64.
+
+    ``is_continuation``: WordPiece "##" pieces, which continue the word before
+    them; a continuation at position 0 starts its own word.
+    """
+    idx = np.broadcast_to(np.arange(is_continuation.shape[-1]), is_continuation.shape)
+    starts = np.where(is_continuation, 0, idx)
+    starts[..., 0] = 0
+    return np.maximum.accumulate(starts, axis=-1)
+
+
+def fit_sentences(sentences: Sequence[Sequence[int]], budget: int) -> list[int]:
+    """The ids of the longest run of leading sentences whose total length is at most ``budget``.
+
+    A first sentence longer than the budget is cut to it: the layout would
+    cut it anyway, and a start of a sentence beats no context.
+    """
+    out: list[int] = []
+    for ids in sentences:
+        if len(out) + len(ids) > budget:
+            break
+        out.extend(ids)
+    if not out and sentences:
+        out = list(sentences[0])[:budget]
+    return out
+
+
+_TIDY = [
+    (re.compile(r"([(\[{]) "), r"\1"),  # "( noun )" -> "(noun)"
+    (re.compile(r" ([)\]}])"), r"\1"),
+    (re.compile(r"(\w) ([:;])(?= |$)"), r"\1\2"),  # "compiler : a program" -> "compiler: a program"
+    (re.compile(r"(\w) ' (?=(?:s|t|re|ve|ll|d|m)\b)"), r"\1'"),  # "don ' t" -> "don't"
+    (re.compile(r"(\w) ([-/]) (?=\w)"), r"\1\2"),  # "real - time" -> "real-time", "x / y" -> "x/y"
+    (re.compile(r"(\d)([.,:]) (?=\d)"), r"\1\2"),  # "3. 5" -> "3.5"
+    (re.compile(r"\b(\w)\. (\w)\."), r"\1.\2."),  # "e. g." -> "e.g."
+    (re.compile(r'" ([^"]*?) "'), r'"\1"'),  # '" quoted "' -> '"quoted"'
+    (re.compile(r"(\w) \+ \+"), r"\1++"),  # "C + +" -> "C++"
+]
+
+
+def tidy_spacing(text: str) -> str:
+    """Undo the spaces WordPiece decoding puts inside brackets, quotes, contractions, hyphens and numbers.
+
+    The tokenizer does not keep the original spacing; these are the cases its
+    own clean-up misses that the corpora (FOLDOC, WordNet) are full of.
+    """
+    for pattern, repl in _TIDY:
+        text = pattern.sub(repl, text)
+    return text

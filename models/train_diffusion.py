@@ -450,16 +450,21 @@ def train_text_model(
     amp: bool = False,
     time_budget_s: float | None = None,
     token_table: torch.Tensor | None = None,
+    init_state: dict | None = None,
+    warmup: int = 1000,
 ) -> tuple[td.MaskedDiffusion, dict]:
     """Train the masked diffusion LM on laid-out rows; returns the EMA model (CPU) and the history.
 
     ``time_budget_s``: total wall-clock seconds, earlier runs of a resume included; see :func:`schedule_progress`.
+    ``init_state``: weights to continue from (a shipped model's ``state_dict``), instead of a fresh start.
     """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     diffusion = td.MaskedDiffusion(td.Denoiser(cfg))
-    if token_table is not None:
+    if init_state is not None:
+        diffusion.load_state_dict(init_state)
+    elif token_table is not None:
         diffusion.model.init_token_embedding(token_table)
     diffusion = diffusion.to(device)
     ema = copy.deepcopy(diffusion).eval()
@@ -487,9 +492,10 @@ def train_text_model(
             break
         diffusion.train()
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, frac, lr, warmup=min(1000, steps // 10 + 1))
+            g["lr"] = cosine_lr(step, frac, lr, warmup=min(warmup, steps // 10 + 1))
         idx = torch.randint(0, len(train_rows), (batch_size,), generator=gen).to(device)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
+                            enabled=amp):
             loss = diffusion(train_rows[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -530,7 +536,8 @@ def text_validation(diffusion: td.MaskedDiffusion, rows: torch.Tensor, samples: 
         xb = rows[s : s + 256]
         for _ in range(samples):
             t = td.antithetic_times(len(xb), diffusion.cfg.eps, generator=gen).to(xb.device)
-            total += diffusion.nelbo(xb, t).sum().item() / samples
+            # times and masks from one seeded generator: two models scored with one seed see the same x_t
+            total += diffusion.nelbo(xb, t, generator=gen if xb.device.type == "cpu" else None).sum().item() / samples
     nats = total / max(real, 1)
     return {"val_nats_per_token": nats, "val_ppl_bound": math.exp(nats)}
 
@@ -589,7 +596,10 @@ def save_text(model: td.MaskedDiffusion, vocab: td.Vocab, history: dict, out: Pa
     torch.save(model.checkpoint(version=version, vocab=vocab.wordpiece_ids.tolist(),
                                 meta={"final_val": history["val"][-1] if history["val"] else None,
                                       "train_rows": history.get("train_rows"), "steps": history.get("steps")}), path)
-    _save_json(RESULTS / "diffusion-text-train.json", {"version": version, **history})
+    # the shipped model's curve goes to bench/results; a candidate's stays next to it until it replaces the shipped one
+    curve = RESULTS / "diffusion-text-train.json" if path.resolve() == text_checkpoint_path().resolve() \
+        else path.with_suffix(".train.json")
+    _save_json(curve, {"version": version, **history})
     return path
 
 
@@ -608,6 +618,10 @@ def text(
     seed: int = typer.Option(0),
     device: str = typer.Option("cpu"),
     resume: bool = typer.Option(False, help="Continue from data/cache/diffusion/text-state.pt."),
+    init: Path = typer.Option(None, help="Continue training a shipped checkpoint (its config and vocabulary); "
+                              "the run ends by scoring it and the new model on the same held-out draws."),
+    warmup: int = typer.Option(1000, help="Linear warm-up steps of the learning rate."),
+    amp: bool = typer.Option(None, help="bfloat16 autocast (default: on for CUDA)."),
     out: Path = typer.Option(None, help="Checkpoint path (default models/checkpoints/text-diffusion-v1.pt)."),
 ) -> None:
     """Train the masked diffusion language model on (query, passage) pairs."""
@@ -616,13 +630,26 @@ def text(
     torch.manual_seed(seed)
     pairs = corpora.training_pairs(limit=limit, seed=seed)
     held = heldout_pairs(limit=val_pairs, seed=seed)
-    cfg = td.Config(d_model=d_model, n_layers=n_layers)
+    base = td.MaskedDiffusion.from_checkpoint(torch.load(init, map_location="cpu", weights_only=False)) if init else None
+    cfg = copy.deepcopy(base.cfg) if base is not None else td.Config(d_model=d_model, n_layers=n_layers)
     vocab, train_rows, val_rows = build_text_data(pairs, held, td.load_tokenizer(), cfg, min_count)
+    if base is not None:
+        base_vocab = torch.load(init, map_location="cpu", weights_only=False)["vocab"]
+        if vocab.wordpiece_ids.tolist() != list(base_vocab):
+            raise ValueError(f"{init} was trained with another vocabulary (min_count or training pairs differ)")
     typer.echo(f"{len(train_rows)} training rows, {len(val_rows)} held-out rows, vocab {len(vocab)}")
-    table = teacher_token_table(vocab, cfg.emb_dim) if teacher_init else None
+    table = teacher_token_table(vocab, cfg.emb_dim) if teacher_init and base is None else None
     model, history = train_text_model(train_rows, val_rows, cfg, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                       device=device, state_path=cache_dir() / "text-state.pt", resume=resume,
-                                      amp=device.startswith("cuda"), time_budget_s=minutes * 60, token_table=table)
+                                      amp=device.startswith("cuda") if amp is None else amp,
+                                      time_budget_s=minutes * 60, token_table=table,
+                                      init_state=None if base is None else base.state_dict(), warmup=warmup)
+    if base is not None:
+        # same rows, same seeded times and masks, more draws than the running validation: a like-for-like comparison
+        history["init"] = str(init)
+        history["compare"] = {"init": text_validation(base, val_rows, samples=16, seed=123),
+                              "trained": text_validation(model, val_rows, samples=16, seed=123)}
+        typer.echo(json.dumps(history["compare"]))
     path = save_text(model, vocab, history, out)
     typer.echo(f"wrote {path}")
 

@@ -100,3 +100,35 @@ def test_expansion_retriever_ranks_with_expanded_queries(synthesizer, encoder):
     retrieve = expansion_retriever(synthesizer.prior, ExpansionConfig(k=2, steps=5))(["a", "b", "c", "d"], doc_vecs, docs_text)
     ranked = retrieve(["compiler", "hurricane"], encoder.encode(["compiler", "hurricane"]), 2)
     assert [r[0] for r in ranked] == ["a", "b"]
+
+
+CONTEXTS = ["compiler: a program that converts another program from some source language to machine language.",
+            "An interpreter executes a program one statement at a time."]
+
+
+def test_text_samples_rewrite_their_own_context_and_record_the_edit_rate(synthesizer, encoder):
+    """Query 1 has two passages (sample j rewrites passage j mod 2), query 2 none (written from scratch)."""
+    s = Synthesizer(encoder, synthesizer.text_model, None, FilterConfig(),
+                    SynthesisConfig(text_steps=16, seed=0, strength=0.5))
+    docs = s.synthesize(QUERIES, n_per_query=3, contexts=[CONTEXTS, []])
+    assert [d.query_id for d in docs] == ["q-1"] * 3 + ["q-2"] * 3
+    with_ctx, scratch = docs[:3], docs[3:]
+    seen = [d.context for d in with_ctx]
+    assert seen[0] == seen[2] != seen[1]  # passages 0, 1, 0
+    assert seen[0].startswith("compiler: a program") and seen[1].startswith("an interpreter")
+    for d in with_ctx:
+        assert 0.0 <= d.scores["context_edit_rate"] <= 1.0
+        copy = d.scores["context_edit_rate"] < FilterConfig().min_context_edit_rate
+        assert ("copy_of_context" in d.reasons) == copy
+    assert all(d.context is None and d.scores["context_edit_rate"] is None for d in scratch)
+    # a query without passages gets what the from-scratch path gives it (one sampler batch per kind of start)
+    plain = s.synthesize(QUERIES[1:], n_per_query=3)
+    assert [d.text for d in plain if d.kind == "text"] == [d.text for d in scratch]
+
+
+def test_a_rewrite_that_keeps_its_context_is_dropped_as_a_copy(synthesizer, encoder):
+    """At a tiny strength almost nothing is masked: the samples are their context, and the filter says so."""
+    s = Synthesizer(encoder, synthesizer.text_model, None, FilterConfig(),
+                    SynthesisConfig(text_steps=16, seed=0, strength=0.02))
+    docs = s.synthesize(QUERIES[:1], n_per_query=2, contexts=[CONTEXTS])
+    assert all("copy_of_context" in d.reasons and d.scores["context_edit_rate"] < 0.2 for d in docs)

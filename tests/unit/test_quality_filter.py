@@ -9,6 +9,8 @@ from agents.quality_filter import (
     Candidate,
     FilterConfig,
     cosine_matrix,
+    edit_distance,
+    edit_rate,
     judge,
     matrix_store_search,
     pass_rate,
@@ -81,13 +83,15 @@ def test_degenerate_texts_are_dropped_with_each_reason():
         Candidate(v, "the the the the the the"),
         Candidate(unit(1, 0, 0.2, 0), "a bit of this and that", unknown_tokens=2, total_tokens=6),
         Candidate(unit(1, 0, 0, 0.3), "short"),
+        Candidate(unit(1, 0, 0.3, 0.3), "-bee ()"),  # four tokens, one word
     ]
     ds = judge(Q, cands)
     assert ds[0].reasons == ["repetitive"]
     assert ds[1].reasons == ["unknown_tokens"] and ds[1].scores.unknown_rate == pytest.approx(1 / 3)
     assert ds[2].reasons == ["too_short"]
+    assert ds[3].reasons == ["too_short"] and ds[3].scores.words == 1
     assert pass_rate(ds) == 0.0
-    assert reason_counts(ds) == {"repetitive": 1, "unknown_tokens": 1, "too_short": 1}
+    assert reason_counts(ds) == {"repetitive": 1, "unknown_tokens": 1, "too_short": 2}
 
 
 def test_every_failing_check_is_recorded():
@@ -111,3 +115,28 @@ def test_a_dropped_sample_does_not_shadow_its_duplicates():
 
 def test_empty_input_gives_no_decisions():
     assert judge(Q, []) == [] and pass_rate([]) == 0.0
+
+
+def test_edit_rate_counts_word_edits_over_the_longer_text():
+    assert edit_distance(["a", "b", "c"], ["a", "x", "c", "d"]) == 2  # one substitution, one insertion
+    assert edit_distance([], ["a", "b"]) == 2
+    assert edit_rate(words("a program that translates code"), words("a program that translates code")) == 0.0
+    assert edit_rate(words("a program that compiles code"), words("a program that translates code")) == pytest.approx(1 / 5)
+    assert edit_rate(words("x y"), words("a b c d")) == 1.0
+    assert edit_rate([], []) == 0.0
+
+
+def test_a_near_copy_of_its_context_is_dropped_and_a_rewrite_is_kept():
+    """A rewrite must change at least min_context_edit_rate of its words; the measured rate is always recorded."""
+    context = "a program that translates source code into machine code"
+    copy = "a program that translates source code into binary code"  # 1 of 9 words changed
+    rewrite = "a tool that turns program text into code a machine runs"
+    ds = judge(Q, [Candidate(unit(0.8, 0.6, 0, 0), copy, context=context),
+                   Candidate(unit(0.8, 0, 0.6, 0), rewrite, context=context),
+                   Candidate(unit(0.8, 0, 0, 0.6), rewrite)])
+    assert ds[0].reasons == ["copy_of_context"] and ds[0].scores.context_edit_rate == pytest.approx(1 / 9)
+    assert ds[1].kept and ds[1].scores.context_edit_rate >= FilterConfig().min_context_edit_rate
+    assert ds[2].kept and ds[2].scores.context_edit_rate is None  # written from scratch: nothing to copy
+    (strict,) = judge(Q, [Candidate(unit(1, 0.1, 0, 0), copy, context=context)],
+                      FilterConfig(min_context_edit_rate=0.0))
+    assert strict.kept
