@@ -190,7 +190,7 @@ class Runtime:
             self.synthesizer = Synthesizer(
                 serving.encoder, load_text_model(), prior,
                 FilterConfig(min_query_similarity=s.synth_min_query_similarity),
-                SynthesisConfig(text_steps=s.synth_text_steps, prior_steps=s.synth_prior_steps,
+                SynthesisConfig(text_steps=s.synth_text_steps, strength=s.synth_strength, prior_steps=s.synth_prior_steps,
                                 guidance=s.synth_guidance, seed=None),
                 store_search=store_search,
             )
@@ -535,7 +535,13 @@ def create_app(settings: Settings | None = None) -> faust.App:
 
     def synthesize(queries: list[Query]) -> list[GeneratedDocument]:
         synth = runtime.build_synthesizer()
-        samples = synth.synthesize([(q.query_id, q.text) for q in queries], n_per_query=s.synth_samples)
+        serving = runtime.serving
+        # the text model rewrites passages retrieved for the query toward it (SDEdit); real documents only
+        hits = serving.store.search(serving.encoder.encode([q.text for q in queries]), s.synth_samples,
+                                    tenant=[q.tenant for q in queries], include_synthetic=False)
+        contexts = [[h.text for h in hs] for hs in hits]
+        samples = synth.synthesize([(q.query_id, q.text) for q in queries], n_per_query=s.synth_samples,
+                                   contexts=contexts)
         tenants = {q.query_id: q.tenant for q in queries}
         return [
             GeneratedDocument(

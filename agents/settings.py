@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     )
     synth_samples: int = _f(2, "Samples per model for each sampled query.")
     synth_text_steps: int = _f(32, "Sampling steps of the text diffusion model.")
+    synth_strength: float = _f(
+        0.5, "Share of a retrieved passage the text model masks and rewrites toward the query (1: from scratch)."
+    )
     synth_prior_steps: int = _f(10, "DDIM steps of the embedding prior.")
     synth_guidance: float = _f(1.0, "Classifier-free guidance scale of the embedding prior.")
     synth_min_query_similarity: float = _f(0.25, "Quality filter: samples less similar than this to their query are dropped.")
