@@ -17,8 +17,9 @@ Issue 5, "Continual learner". The pieces wrap each other (../shared/STYLE.md):
 
 What is learnt. The hybrid is distilled from all-MiniLM-L6-v2 (the teacher), so
 the update distils again, on the texts this deployment sees now: the queries,
-the kept generated documents and the documents the latest queries retrieved
-(``Replay.recent``, from the memory manager) -- cosine and in-batch
+the kept generated documents, the documents the latest queries retrieved and
+the query patterns that cited them (``Replay.recent``/``recent_pairs``, from
+the memory manager) -- cosine and in-batch
 similarity-matrix distillation (Park et al. 2019, https://arxiv.org/abs/1904.05068)
 -- plus an in-batch contrastive loss on the (query, generated document) pairs
 (InfoNCE, van den Oord et al. 2018, https://arxiv.org/abs/1807.03748). The
@@ -160,25 +161,27 @@ class Replay:
 
     ``texts`` and ``pairs``: important past documents and (query, cited document)
     pairs, replayed to limit forgetting. ``recent``: the documents the latest
-    queries retrieved, the current traffic's side of the corpus; they are new
-    data, distilled to the teacher like the examples.
+    queries retrieved, the current traffic's side of the corpus, and
+    ``recent_pairs``: the query patterns whose cited document is one of them;
+    both are new data, distilled to the teacher like the examples.
     """
 
     texts: list[str] = field(default_factory=list)
     pairs: list[tuple[str, str]] = field(default_factory=list)
     source: str = "none"  # memory | corpus | none
     recent: list[str] = field(default_factory=list)
+    recent_pairs: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"texts": self.texts, "pairs": [list(p) for p in self.pairs], "source": self.source,
-                "recent": self.recent}
+                "recent": self.recent, "recent_pairs": [list(p) for p in self.recent_pairs]}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Replay | None":
         if d is None:
             return None
         return cls(list(d.get("texts", [])), [(q, p) for q, p in d.get("pairs", [])], d.get("source", "none"),
-                   list(d.get("recent", [])))
+                   list(d.get("recent", [])), [(q, p) for q, p in d.get("recent_pairs", [])])
 
 
 def examples_from_messages(messages: Iterable[Any], distil_queries: bool = True) -> tuple[list[Example], dict[str, int]]:
@@ -353,7 +356,9 @@ def gather_replay(memory, n: int, store=None, seed: int = 1234, recent: int | No
     try:
         docs = [d for d in memory.top_important(n) if not d.synthetic]
         patterns = memory.top_patterns(n)
-        latest = [d for d in memory.most_recent(n if recent is None else recent) if not d.synthetic]
+        k = n if recent is None else recent
+        # synthetic documents are recent too (they are indexed as they are generated): read past them
+        latest = [d for d in memory.most_recent(4 * k) if not d.synthetic][:k]
     except MemoryUnavailable:
         log.warning("memory unavailable: replaying the base corpus")
         return corpus_replay(n, seed)
@@ -363,13 +368,18 @@ def gather_replay(memory, n: int, store=None, seed: int = 1234, recent: int | No
     if missing and store is not None:
         text_of.update({k: v for k, v in store.texts(missing).items() if v.strip()})
     texts = [text_of[d.doc_id] for d in docs if d.doc_id in text_of]
-    pairs = [(p.query, text_of[p.doc_ids[0]]) for p in patterns if p.query and p.doc_ids and p.doc_ids[0] in text_of]
+    latest_ids = {d.doc_id for d in latest}
+    pairs, recent_pairs = [], []
+    for p in patterns:
+        if p.query and p.doc_ids and p.doc_ids[0] in text_of:
+            # a pattern whose answer cited a recently retrieved document belongs to the current traffic
+            (recent_pairs if p.doc_ids[0] in latest_ids else pairs).append((p.query, text_of[p.doc_ids[0]]))
     latest_texts = [text_of[d.doc_id] for d in latest if d.doc_id in text_of]
     if not texts:
         r = corpus_replay(n, seed)
-        r.recent = latest_texts
+        r.recent, r.recent_pairs = latest_texts, recent_pairs
         return r
-    return Replay(texts, pairs, "memory", latest_texts)
+    return Replay(texts, pairs, "memory", latest_texts, recent_pairs)
 
 
 # ----------------------------------------------------------------------------- batch composition (pure)
@@ -552,8 +562,11 @@ def fine_tune(base_checkpoint: str | Path | None, examples: Sequence[Example], r
 
     pairs = [e for e in examples if e.is_pair]
     recent = [t for t in (replay.recent if replay is not None else []) if t.strip()]
-    new_texts = sorted({at(e.query) for e in examples} | {at(e.text) for e in pairs} | {at(t) for t in recent})
-    new_pairs = sorted({(at(e.query), at(e.text)) for e in pairs})
+    recent_pairs = [(q, p) for q, p in (replay.recent_pairs if replay is not None else [])
+                    if q.strip() and p.strip() and q != p]
+    new_texts = sorted({at(e.query) for e in examples} | {at(e.text) for e in pairs} | {at(t) for t in recent}
+                       | {at(x) for p in recent_pairs for x in p})
+    new_pairs = sorted({(at(e.query), at(e.text)) for e in pairs} | {(at(q), at(p)) for q, p in recent_pairs})
     replay = replay if replay is not None and cfg.replay_fraction > 0 else Replay(source="none")
     # a text is either new (the teacher's target) or replayed, never both
     fresh = set(new_texts)

@@ -73,11 +73,11 @@ def test_buffer_counts_a_replayed_record_once_and_loses_nothing_before_the_drop(
 
 
 def test_replay_comes_from_the_memory_managers_important_real_documents(redis_url, prefix, tmp_path):
-    """Three documents are indexed, two are cited by a query, one synthetic document is popular too: the
-    replay holds the real documents' texts (most important first, the synthetic left out), the query
-    patterns paired with their cited documents, and the recently retrieved documents, latest first.
-    A document the memory keeps no sample of is read from the store. An empty memory falls back to the
-    base training corpus."""
+    """Three documents are indexed and cited by queries, one synthetic document is popular too: the replay
+    holds the real documents' texts (most important first, the synthetic left out) and the query patterns
+    paired with their cited documents; the most recently retrieved document is new data, and so is the
+    pattern that cited it. A document the memory keeps no sample of is read from the store. An empty
+    memory falls back to the base training corpus."""
     mem = MemoryManager(MemoryConfig(redis_url=redis_url, prefix=prefix))
     store = VectorStore(str(tmp_path / "m.db"), f"learn_{uuid.uuid4().hex[:8]}", "test", 4)
     try:
@@ -101,15 +101,18 @@ def test_replay_comes_from_the_memory_managers_important_real_documents(redis_ur
         mem.record_hits("q2", [H("dns"), H("synthetic-1")], query="what maps names", cited=["dns"], now=now + 2)
         assert store.texts(["dns", "nope"]) == {"dns": "DNS maps names to addresses."}
 
-        replay = gather_replay(mem, 10, store=store)
+        replay = gather_replay(mem, 10, store=store, recent=1)
         assert replay.source == "memory"
         assert replay.texts[0] == "TCP gives reliable connections."
         assert set(replay.texts) == {"TCP gives reliable connections.", "UDP sends datagrams.",
                                      "DNS maps names to addresses."}
-        assert ("which protocol is reliable", "TCP gives reliable connections.") in replay.pairs
-        assert ("what maps names", "DNS maps names to addresses.") in replay.pairs
-        assert replay.recent[0] == "DNS maps names to addresses."
-        assert sorted(replay.recent) == sorted(replay.texts)
+        assert sorted(replay.pairs) == [("reliable transport protocol", "TCP gives reliable connections."),
+                                        ("which protocol is reliable", "TCP gives reliable connections.")]
+        assert replay.recent == ["DNS maps names to addresses."]
+        assert replay.recent_pairs == [("what maps names", "DNS maps names to addresses.")]
+        everything_recent = gather_replay(mem, 10, store=store)
+        assert everything_recent.recent[0] == "DNS maps names to addresses." and everything_recent.pairs == []
+        assert len(everything_recent.recent) == 3 and len(everything_recent.recent_pairs) == 3
 
         empty = MemoryManager(MemoryConfig(redis_url=redis_url, prefix=prefix + "-empty"))
         fallback = gather_replay(empty, 5)

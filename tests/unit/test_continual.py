@@ -169,7 +169,7 @@ def test_config_reads_the_settings_and_checks_itself():
 
 
 def test_replay_round_trips_through_the_job_file_form():
-    r = Replay(["a", "b"], [("q", "p")], "memory", recent=["c"])
+    r = Replay(["a", "b"], [("q", "p")], "memory", recent=["c"], recent_pairs=[("q2", "c")])
     assert Replay.from_dict(r.as_dict()) == r
     assert Replay.from_dict(None) is None
     assert Example("g1", "q1", "q", "t").is_pair and not Example("query:q1", "q1", "q").is_pair
