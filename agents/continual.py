@@ -582,7 +582,7 @@ def fine_tune(base_checkpoint: str | Path | None, examples: Sequence[Example], r
     anchor = teacher
     if cfg.replay_target == "base" and (replay_texts or replay_pairs):
         anchor = teacher.copy()
-        rows = sorted(set(replay_texts) | {i for p in replay_pairs for i in p})
+        rows = sorted((set(replay_texts) | {i for p in replay_pairs for i in p}) - fresh)
         anchor[rows] = embed_ids(model, [ids[i] for i in rows], device)
 
     samplers = {
