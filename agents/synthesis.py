@@ -174,7 +174,7 @@ class Synthesizer:
         cfg = self.config
         kw = dict(n=n, steps=cfg.text_steps, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
         with_ctx = [i for i in range(len(texts)) if contexts is not None and len(contexts[i]) > 0]
-        scratch = [i for i in range(len(texts)) if i not in set(with_ctx)]
+        scratch = sorted(set(range(len(texts))) - set(with_ctx))
         groups: list[list | None] = [None] * len(texts)
         if scratch:
             for i, g in zip(scratch, self.text_model.generate([texts[i] for i in scratch], **kw)):
