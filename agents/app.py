@@ -349,6 +349,15 @@ def faust_settings(s: Settings) -> dict:
         web_bind=s.web_host,
         # we do not use tables, so no changelog topics or RocksDB
         store="memory://",
+        # Faust's default waits on stop and on every revocation until each
+        # message a stream took is acked. A query goes to two agents (the answer
+        # path and the synthesizer), and a message counts as acked only when
+        # both have acked it; the queue flush at stop or revocation discards the
+        # copy the other agent had not taken yet, so the wait never ends (seen as
+        # workers that hang on SIGTERM and stall in a rebalance). Unacked records
+        # are not committed either way: they are redelivered to the next owner,
+        # and answers and upserts are idempotent (at least once).
+        stream_wait_empty=False,
     )
 
 

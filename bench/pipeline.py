@@ -83,7 +83,7 @@ def load_workload(n_docs: int, n_queries: int, seed: int = 0):
     base = docs
     while len(docs) < n_docs:  # cycle with distinct ids if the corpus is smaller than asked
         k = len(docs) // len(base)
-        docs = docs + [Document(doc_id=f"{d.doc_id}~{k}", title=d.title, text=d.text) for d in base[: n_docs - len(docs)]]
+        docs = docs + [Document(doc_id=f"{d.doc_id}+{k}", title=d.title, text=d.text) for d in base[: n_docs - len(docs)]]
     docs = docs[:n_docs]
     present = {d.doc_id for d in docs}
     queries = [(qid, t) for qid, t in queries if qrels.get(qid, set()) & present]
