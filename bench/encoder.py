@@ -41,6 +41,8 @@ def build_texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
 
     queries = [q for q, _ in corpora.training_pairs(limit=4 * n_queries, seed=99) if len(q) < 80][:n_queries]
     tok = Tokenizer.from_file(str(tokenizer_path()))
+    tok.no_padding()  # MiniLM's tokenizer.json pads and truncates to 128: count real tokens
+    tok.no_truncation()
     passages, current, n_tok = [], [], 0
     for text in corpora.training_texts(limit=60 * n_passages, seed=99):
         current.append(text)
@@ -146,6 +148,7 @@ def main() -> None:
     from models.hybrid_encoder import tokenizer_path
 
     tok = Tokenizer.from_file(str(tokenizer_path()))
+    tok.no_padding()
     mean_q = sum(len(e.ids) for e in tok.encode_batch(queries)) / len(queries)
     print(f"{len(queries)} queries (mean {mean_q:.1f} tokens), {len(passages)} passages (>= {PASSAGE_TOKENS} tokens)")
 
