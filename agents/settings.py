@@ -132,10 +132,10 @@ class Settings(BaseSettings):
     # --- Continual learner and re-indexing ---------------------------------------
     learner_enabled: bool = _f(True, "Fine-tune the hybrid encoder on generated documents (only when encoder=hybrid).")
     learner_min_examples: int = _f(256, "Buffered generated documents that trigger one fine-tuning update.")
-    learner_steps: int = _f(60, "Optimizer steps per update.")
+    learner_steps: int = _f(120, "Optimizer steps per update.")
     learner_batch_size: int = _f(16, "Examples per micro-batch.")
     learner_grad_accum: int = _f(4, "Micro-batches accumulated into one optimizer step.")
-    learner_lr: float = _f(5e-5, "Learning rate of an update.")
+    learner_lr: float = _f(2e-4, "Learning rate of an update.")
     learner_replay_fraction: float = _f(0.5, "Share of each batch replayed from important past documents (limits forgetting).")
     learner_canary_dataset: str = _f("wordnet-revdict", "Held-out set the canary score comes from.")
     learner_canary_queries: int = _f(200, "Canary queries scored before a promotion.")
