@@ -28,7 +28,8 @@ service's own parts, on one CPU thread:
    - ``replay_teacher``: replayed texts distilled to the teacher instead of
      keeping the base's embeddings (``LearnerConfig.replay_target``);
    - ``generated_only``: only the kept generated (query, text) pairs as new data
-     (no query-only examples, no recently retrieved documents), with replay:
+     (no query-only examples, no recently retrieved documents or the query
+     patterns that cited them), with replay:
      what the generated text alone is worth.
 5. nDCG@10 of the base and of each update on the new domain's test queries
    (all held-out chatterbot questions, full corpus) and on the old domain's
@@ -288,7 +289,7 @@ def main() -> None:
             elif arm == "no_replay":
                 arm_cfg, arm_examples, arm_replay = replace(cfg, replay_fraction=0.0), examples, replay
             elif arm == "generated_only":
-                arm_cfg, arm_examples, arm_replay = cfg, pair_examples, replace(replay, recent=[])
+                arm_cfg, arm_examples, arm_replay = cfg, pair_examples, replace(replay, recent=[], recent_pairs=[])
             else:
                 raise ValueError(f"{arm} is not a valid arm (replay, replay_teacher, no_replay, generated_only)")
             if not arm_examples:
