@@ -69,23 +69,31 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from agents.settings import Settings
+
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- config
 
 
+def _setting(name: str):
+    """The default of ``Settings.learner_<name>``, so that a learner default is set in one place."""
+    return Settings.model_fields[f"learner_{name}"].default
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
-    enabled: bool = True  # fine-tune the hybrid encoder on generated documents (encoder=hybrid only)
-    min_examples: int = 256  # buffered kept samples that trigger one update
-    steps: int = 120  # optimizer steps per update (bench/continual.py measures 120 at lr 2e-4)
-    batch_size: int = 16  # examples per micro-batch
-    grad_accum: int = 4  # micro-batches accumulated into one optimizer step
-    lr: float = 2e-4  # peak AdamW learning rate of an update (5e-5 moved the encoder too little to measure)
-    replay_fraction: float = 0.5  # share of every micro-batch replayed from important past texts
-    canary_dataset: str = "wordnet-revdict"  # held-out set of the canary score
-    canary_queries: int = 200  # canary queries scored before a promotion
-    canary_tolerance: float = 0.01  # most canary nDCG@10 a new version may lose and still be promoted
+    # --- the defaults of these are the settings' learner_* fields (agents.settings), set there only
+    enabled: bool = _setting("enabled")  # fine-tune the hybrid encoder on generated documents (encoder=hybrid only)
+    min_examples: int = _setting("min_examples")  # buffered kept samples that trigger one update
+    steps: int = _setting("steps")  # optimizer steps per update
+    batch_size: int = _setting("batch_size")  # examples per micro-batch
+    grad_accum: int = _setting("grad_accum")  # micro-batches accumulated into one optimizer step
+    lr: float = _setting("lr")  # peak AdamW learning rate of an update
+    replay_fraction: float = _setting("replay_fraction")  # share of every micro-batch replayed from important past texts
+    canary_dataset: str = _setting("canary_dataset")  # held-out set of the canary score
+    canary_queries: int = _setting("canary_queries")  # canary queries scored before a promotion
+    canary_tolerance: float = _setting("canary_tolerance")  # most canary nDCG@10 a new version may lose and still be promoted
     # --- not (yet) in agents.settings: the defaults below stand in for them
     canary_distractors: int = 2000  # corpus documents next to the relevant ones: the canary runs in seconds
     distil_queries: bool = True  # distil the query text of every sample, kept or not (user text, teacher-labelled)

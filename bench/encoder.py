@@ -33,16 +33,23 @@ MODELS = ("original", "hybrid-fp32", "hybrid-int8")
 PASSAGE_TOKENS = 256
 
 
-def build_texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
+def token_counter():
+    """The encoders' WordPiece tokenizer without the padding and truncation to 128 its tokenizer.json sets."""
     from tokenizers import Tokenizer
 
-    from agents import corpora
     from models.hybrid_encoder import tokenizer_path
 
-    queries = [q for q, _ in corpora.training_pairs(limit=4 * n_queries, seed=99) if len(q) < 80][:n_queries]
     tok = Tokenizer.from_file(str(tokenizer_path()))
-    tok.no_padding()  # MiniLM's tokenizer.json pads and truncates to 128: count real tokens
+    tok.no_padding()
     tok.no_truncation()
+    return tok
+
+
+def build_texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
+    from agents import corpora
+
+    queries = [q for q, _ in corpora.training_pairs(limit=4 * n_queries, seed=99) if len(q) < 80][:n_queries]
+    tok = token_counter()
     passages, current, n_tok = [], [], 0
     for text in corpora.training_texts(limit=60 * n_passages, seed=99):
         current.append(text)
@@ -143,13 +150,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     queries, passages = build_texts(args.queries, args.passages)
-    from tokenizers import Tokenizer
-
-    from models.hybrid_encoder import tokenizer_path
-
-    tok = Tokenizer.from_file(str(tokenizer_path()))
-    tok.no_padding()
-    mean_q = sum(len(e.ids) for e in tok.encode_batch(queries)) / len(queries)
+    mean_q = sum(len(e.ids) for e in token_counter().encode_batch(queries)) / len(queries)
     print(f"{len(queries)} queries (mean {mean_q:.1f} tokens), {len(passages)} passages (>= {PASSAGE_TOKENS} tokens)")
 
     encoders = {name: load_model(name, args.checkpoint) for name in MODELS}

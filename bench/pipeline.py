@@ -343,8 +343,9 @@ def main() -> None:
     # issue 7's latency target: p99 at 50% load within the buffer timeout plus twice one batch's compute
     half = o["open"][0]
     compute_ms = half["mean_stage_ms"].get("compute", float("nan"))
-    bound_ms = ours.query_batch_timeout_s * 1e3 + 2 * compute_ms
-    result["p99_target"] = {"p99_ms": half["p99_ms"], "buffer_timeout_ms": ours.query_batch_timeout_s * 1e3,
+    timeout_ms = ours.query_batch_timeout_s * 1e3
+    bound_ms = timeout_ms + 2 * compute_ms
+    result["p99_target"] = {"p99_ms": half["p99_ms"], "buffer_timeout_ms": timeout_ms,
                             "mean_batch_compute_ms": compute_ms, "mean_batch": half["mean_batch"],
                             "bound_ms": bound_ms, "met": half["p99_ms"] <= bound_ms}
     (RESULTS / "pipeline.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
