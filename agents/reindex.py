@@ -29,15 +29,11 @@ import threading
 import time
 from typing import Sequence
 
+from agents.chunking import embed_text
 from agents.encoders import Encoder
 from agents.store import Row, VectorStore
 
 log = logging.getLogger(__name__)
-
-
-def embed_text(title: str, text: str) -> str:
-    """What ingest encoded for a chunk (see :attr:`agents.chunking.Chunk.embed_text`)."""
-    return f"{title}: {text}" if title else text
 
 
 class ReindexError(RuntimeError):

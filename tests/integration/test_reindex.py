@@ -11,7 +11,7 @@ import pytest
 
 from agents.client import AsyncClient
 from agents.encoders import load_encoder
-from agents.reindex import embed_text
+from agents.chunking import embed_text
 from agents.schemas import RetentionUpdate, decode, encode
 from models.hybrid_encoder import DEFAULT_CHECKPOINT
 from tests.conftest import read_topic, run

@@ -1,6 +1,6 @@
 import pytest
 
-from agents.chunking import chunk_document, chunk_text
+from agents.chunking import chunk_document, chunk_text, embed_text
 
 
 def test_windows_overlap_and_cover_every_word():
@@ -22,6 +22,12 @@ def test_ids_are_deterministic_and_titles_are_embedded_not_stored():
     b = chunk_document("doc-1", "alpha " * 30, "Title", 10, 2)
     assert [c.id for c in a] == [c.id for c in b] == [f"doc-1#{i}" for i in range(len(a))]
     assert a[0].embed_text.startswith("Title: ") and not a[0].text.startswith("Title")
+
+
+def test_a_title_the_text_already_holds_is_not_repeated():
+    assert embed_text("Lisp", "LISP (language): a family of languages") == "LISP (language): a family of languages"
+    assert embed_text("Lisp", "a family of languages") == "Lisp: a family of languages"
+    assert embed_text("", "text") == "text"
 
 
 @pytest.mark.parametrize("size, overlap", [(0, 0), (5, 5), (5, -1)])
