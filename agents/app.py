@@ -28,6 +28,7 @@ import faust
 import numpy as np
 
 from agents import metrics
+from agents.batching import Overlapped
 from agents.schemas import (Document, GeneratedDocument, MessageError, Query, RetentionUpdate, dead_letter, decode,
                             encode)
 from agents.settings import Settings
@@ -652,8 +653,17 @@ def create_app(settings: Settings | None = None) -> faust.App:
     @app.agent(queries, name="answer_queries")
     async def answer_queries(stream):
         await runtime.ready(app)
-        async for events in stream.noack_take(s.query_batch_max, within=s.query_batch_timeout_s):
+        if not s.query_overlap:
+            async for events in stream.noack_take(s.query_batch_max, within=s.query_batch_timeout_s):
+                await process("query", stream, events, handle_queries, Query, s.max_query_chars)
+            return
+
+        async def answer(events: list) -> None:
             await process("query", stream, events, handle_queries, Query, s.max_query_chars)
+
+        async with Overlapped(answer, max_batch=s.query_batch_max) as batches:
+            async for events in stream.noack_take(s.query_batch_max, within=s.query_batch_timeout_s):
+                await batches.put(events)
 
     @app.agent(queries, name="synthesize_documents")
     async def synthesize_documents(stream):

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # --- Micro-batching (the design's StreamBuffer) ---------------------------
     query_batch_max: int = _f(64, "Most queries answered in one batch (stream.take max).")
     query_batch_timeout_s: float = _f(0.05, "Longest a query waits for its batch to fill (stream.take within).")
+    query_overlap: bool = _f(True, "Keep taking queries while a batch computes; a queued query joins the next batch "
+                             "as soon as the model is free instead of after another timeout (agents/batching.py).")
     ingest_batch_max: int = _f(256, "Most documents encoded in one batch.")
     ingest_batch_timeout_s: float = _f(0.5, "Longest a document waits for its batch to fill.")
 
