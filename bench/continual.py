@@ -17,8 +17,9 @@ service's own parts, on one CPU thread:
    cited top-1 go to a real :class:`agents.memory.MemoryManager` (Redis, a uuid
    prefix), as the answer agent records them.
 3. The synthesizer (the shipped text diffusion model; the hybrid has no
-   embedding prior, so text only) writes ``synth_samples`` documents for a
-   sample of the new questions, the quality filter judges them, and the
+   embedding prior, so text only) rewrites the passages it retrieves from the
+   store into ``synth_samples`` documents for a sample of the new questions, as
+   the agent does (``--synth-from-scratch``: without them), the quality filter judges them, and the
    ``GeneratedDocument`` messages go into the learner's :class:`TrainingBuffer`
    (Redis), as the agents do.
 4. Updates from the same buffer snapshot and the same memory read
@@ -149,17 +150,24 @@ def simulate_memory(mem: MemoryManager, encoder, doc_ids: list[str], doc_texts: 
     return stats
 
 
-def synthesize(encoder, queries: list[str], settings: Settings, doc_vecs: np.ndarray, seed: int) -> list[GeneratedDocument]:
-    """What the synthesize agent publishes for these queries (agents/app.py ``synthesize``)."""
+def synthesize(encoder, queries: list[str], settings: Settings, doc_texts: list[str], doc_vecs: np.ndarray, seed: int,
+               from_scratch: bool = False) -> list[GeneratedDocument]:
+    """What the synthesize agent publishes for these queries (agents/app.py ``synthesize``).
+
+    Like the agent, the text model rewrites the passages retrieved from the store for each
+    query (SDEdit at ``synth_strength``); ``from_scratch`` writes without them instead.
+    """
     from agents.quality_filter import FilterConfig, matrix_store_search
-    from agents.synthesis import SynthesisConfig, Synthesizer, load_text_model
+    from agents.synthesis import SynthesisConfig, Synthesizer, load_text_model, retrieve_contexts
 
     synth = Synthesizer(encoder, load_text_model(), None, FilterConfig(min_query_similarity=settings.synth_min_query_similarity),
                         SynthesisConfig(text_steps=settings.synth_text_steps, prior_steps=settings.synth_prior_steps,
-                                        guidance=settings.synth_guidance, seed=seed),
+                                        guidance=settings.synth_guidance, strength=settings.synth_strength, seed=seed),
                         store_search=matrix_store_search(doc_vecs))
+    contexts = None if from_scratch else retrieve_contexts(encoder, queries, doc_texts, settings.synth_samples,
+                                                           passage_vecs=doc_vecs)
     samples = synth.synthesize([(f"cbq-stream-{i}", q) for i, q in enumerate(queries)],
-                               n_per_query=settings.synth_samples)
+                               n_per_query=settings.synth_samples, contexts=contexts)
     return [
         GeneratedDocument(
             query_id=d.query_id, query=d.query[:2000], doc_id=f"synth:{d.query_id}:{d.kind}:{d.sample_index}",
@@ -188,6 +196,8 @@ def main() -> None:
     ap.add_argument("--recent", type=int, default=None, help="recently retrieved documents read (default: replay_pool)")
     ap.add_argument("--generated-cache", default=None,
                     help="JSONL of generated documents: read if it exists, else written (for exploring learner settings)")
+    ap.add_argument("--synth-from-scratch", action="store_true",
+                    help="the synthesizer writes without retrieved passages (the agent rewrites them)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "continual.json"))
     args = ap.parse_args()
@@ -244,7 +254,8 @@ def main() -> None:
         if cache is not None and cache.exists():
             generated = [GeneratedDocument.model_validate_json(line) for line in cache.read_text().splitlines()]
         else:
-            generated = synthesize(base, new_traffic[: args.synth_queries], settings, store_vecs, args.seed)
+            generated = synthesize(base, new_traffic[: args.synth_queries], settings, store_texts, store_vecs, args.seed,
+                                   from_scratch=args.synth_from_scratch)
             if cache is not None:
                 cache.write_text("".join(g.model_dump_json() + "\n" for g in generated))
         added = buffer.add(generated)
@@ -342,6 +353,7 @@ def main() -> None:
         "traffic": traffic,
         "recent_read": args.recent or cfg.replay_pool, "generated_cache": args.generated_cache,
         "synthesis": {"queries": args.synth_queries, "samples": len(generated), "kept": len(kept),
+                      "from": "scratch" if args.synth_from_scratch else "retrieved passages",
                       "drop_reasons": reasons, "buffered_pairs": sum(e.is_pair for e in examples),
                       "buffered_query_only": sum(not e.is_pair for e in examples),
                       "kept_examples": [{"query": g.query, "text": g.text} for g in kept[:10]]},
