@@ -653,16 +653,17 @@ def create_app(settings: Settings | None = None) -> faust.App:
     @app.agent(queries, name="answer_queries")
     async def answer_queries(stream):
         await runtime.ready(app)
-        if not s.query_overlap:
-            async for events in stream.noack_take(s.query_batch_max, within=s.query_batch_timeout_s):
-                await process("query", stream, events, handle_queries, Query, s.max_query_chars)
-            return
 
         async def answer(events: list) -> None:
             await process("query", stream, events, handle_queries, Query, s.max_query_chars)
 
+        takes = stream.noack_take(s.query_batch_max, within=s.query_batch_timeout_s)
+        if not s.query_overlap:
+            async for events in takes:
+                await answer(events)
+            return
         async with Overlapped(answer, max_batch=s.query_batch_max) as batches:
-            async for events in stream.noack_take(s.query_batch_max, within=s.query_batch_timeout_s):
+            async for events in takes:
                 await batches.put(events)
 
     @app.agent(queries, name="synthesize_documents")

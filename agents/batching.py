@@ -9,9 +9,9 @@ timer even when queries are queued.
 :class:`Overlapped` takes the compute out of the body. The take loop only hands its
 records over; one worker task handles them, one batch at a time, in arrival order. When
 the worker is free it takes everything that has arrived (up to ``max_batch``) at once,
-so a queued query waits for at most the batch in front of it, never for an idle timer,
-and the produce and acks of one batch overlap the compute of the next. This is the
-dynamic batching of inference servers (Triton's, for one) on top of Faust's StreamBuffer.
+so a queued query waits for at most the batch in front of it, never for an idle timer.
+This is the dynamic batching of inference servers (Triton's, for one) on top of Faust's
+StreamBuffer. A batch's produce and acks still run in the worker, before the next batch.
 
 Backpressure: once ``max_pending`` records wait, :meth:`Overlapped.put` blocks, so the
 take loop stops and Faust stops fetching. Records are acked by the handler after their
@@ -74,7 +74,7 @@ class Overlapped:
             self._arrived.set()
 
     async def drain(self) -> None:
-        """Wait until every record put so far has been handled (tests, shutdown paths)."""
+        """Wait until every record put so far has been handled (for tests)."""
         while self._pending or self._busy:
             self._raise_if_dead()
             await asyncio.sleep(0.001)

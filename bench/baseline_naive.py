@@ -84,7 +84,7 @@ async def main(args) -> None:
                              "title": "", "text": h.text} for h in hits],
                 "confident": bool(hits), "encoder_version": "minilm-l6-v2 (naive)", "generator": "extractive",
                 "timings_ms": {"encode": (t1 - t0) * 1e3, "search": (t2 - t1) * 1e3, "fine": 0.0,
-                               "generate": (t3 - t2) * 1e3, "buffer_wait": 0.0},
+                               "generate": (t3 - t2) * 1e3, "buffer_wait": 0.0, "compute": (t3 - t0) * 1e3},
                 "batch_size": 1, "worker": "naive", "answered_at": time.time(),
             }
             await producer.send_and_wait(f"{args.prefix}answers", orjson.dumps(answer), key=msg.key)

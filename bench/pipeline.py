@@ -154,10 +154,7 @@ async def open_loop(settings, texts, rate: float, duration_s: float, seed: int =
     breakdown = {k: statistics.fmean(s.get(k, 0.0) for s in stages) for k in stages[0]} if stages else {}
     # where the slowest 1% spent their time; "transport" is the rest: Kafka both ways, decode, produce
     p99 = pct(latencies, 99)
-    def compute(s: dict) -> float:  # the baseline's answers carry the stages but no "compute"
-        return s.get("compute", sum(s.get(k, 0.0) for k in ("encode", "search", "fine", "generate")))
-
-    tail = [{**s, "latency": lat, "transport": lat - s.get("buffer_wait", 0.0) - compute(s)}
+    tail = [{**s, "latency": lat, "transport": lat - s.get("buffer_wait", 0.0) - s.get("compute", 0.0)}
             for lat, s in zip(latencies, stages) if lat >= p99]
     tail_breakdown = {k: statistics.fmean(t.get(k, 0.0) for t in tail) for k in tail[0]} if tail else {}
     return {"rate": rate, "sent": i, "p50_ms": pct(latencies, 50), "p95_ms": pct(latencies, 95),
@@ -338,8 +335,8 @@ def main() -> None:
         for spec in args.variant:
             name, _, assigns = spec.partition(":")
             extra = dict(a.split("=", 1) for a in assigns.split(",") if a)
-            _, result["systems"][f"hybridrag-{name}"] = run_ours(f"hybridrag-{name}", extra)
-            result["systems"][f"hybridrag-{name}"]["env"] = extra
+            _, variant = run_ours(f"hybridrag-{name}", extra)
+            result["systems"][f"hybridrag-{name}"] = {**variant, "env": extra}
         # --- the naive baseline ---------------------------------------------
         if not args.no_baseline:
             base = Settings(kafka_bootstrap_servers=broker.bootstrap, topic_prefix=f"base{tag}-")
@@ -368,9 +365,9 @@ def main() -> None:
                             "bound_ms": bound_ms, "met": half["p99_ms"] <= bound_ms,
                             "tail_stage_ms": half.get("p99_tail_stage_ms", {})}
     result["ratios"] = {}
-    others = [n for n in result["systems"] if n != "hybridrag"]
-    for name in others:
-        other = result["systems"][name]
+    for name, other in result["systems"].items():
+        if name == "hybridrag":
+            continue
         result["ratios"][f"vs_{name}"] = {
             "closed_loop_qps": o["closed"]["qps"] / other["closed"]["qps"],
             "ingest_docs_per_s": o["ingest_docs_per_s"] / other["ingest_docs_per_s"],
