@@ -258,8 +258,8 @@ class HybridEncoder(nn.Module):
                 self.out.weight.copy_(torch.eye(cfg.d_model))
                 self.out.bias.zero_()
 
-    def token_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-token output vectors (B, T, out_dim), before pooling."""
+    def features(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local (convolution) and global (transformer) features, each (B, T, d), before fusion."""
         mask = mask.bool()
         dense = bool(mask.all())
         x = self.embed(ids)  # (B, T, d)
@@ -267,12 +267,21 @@ class HybridEncoder(nn.Module):
         h = local
         for block in self.blocks:
             h = block(h, mask, dense)  # (B, T, d)
-        fused = self.fusion(local, h)  # (B, T, d)
-        return self.out(fused)  # (B, T, out_dim)
+        return local, h
+
+    def token_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-token output vectors (B, T, out_dim), before pooling."""
+        local, h = self.features(ids, mask)
+        return self.out(self.fusion(local, h))  # (B, T, out_dim)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        tokens = self.token_states(ids, mask)  # (B, T, out_dim)
-        return l2_normalize(mean_pool(tokens, mask))  # (B, out_dim)
+        if self.fusion.method == "attention":  # per-token softmax: fuse every token, then pool
+            return l2_normalize(mean_pool(self.token_states(ids, mask), mask))  # (B, out_dim)
+        # concat and weighted fusion and the output projection are affine per token, and
+        # the masked mean is a weighted average of tokens with weights summing to one, so
+        # pooling first gives the same vector with (B, d) products instead of (B, T, d)
+        local, h = self.features(ids, mask)
+        return l2_normalize(self.out(self.fusion(mean_pool(local, mask), mean_pool(h, mask))))  # (B, out_dim)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -202,3 +202,16 @@ def test_shipped_checkpoint_separates_paraphrases_from_unrelated_text(quantize):
     assert float(a @ b) > float(a @ c) + 0.1
     assert float(c @ d) > float(b @ d) + 0.1
     np.testing.assert_allclose(np.linalg.norm([a, b, c, d], axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "weighted", "attention"])
+def test_pooling_before_the_affine_head_equals_pooling_after(fusion):
+    """forward pools before an affine fusion and projection; that is the same vector as pooling the tokens."""
+    model = tiny_model(fusion=fusion)
+    with torch.no_grad():
+        for p in model.fusion.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # off the pass-through init so both sources count
+        model.out.weight.normal_(0, 0.2)
+        ids, mask = ids_and_mask()
+        after = l2_normalize(mean_pool(model.token_states(ids, mask), mask))
+        torch.testing.assert_close(model(ids, mask), after, atol=1e-5, rtol=1e-5)
