@@ -203,7 +203,9 @@ def run_system(name, settings, cmd, env, docs, queries, qrels, args, ready_check
     asyncio.run(create_topics(settings))
     t_publish = time.perf_counter()
     asyncio.run(publish(settings, docs))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cpus = worker_cpus() if args.pin else None
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     try:
         while not ready_check():
             if proc.poll() is not None:
@@ -290,6 +292,14 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+_ALL_CPUS = sorted(os.sched_getaffinity(0))  # read at import, before --pin narrows this process
+
+
+def worker_cpus() -> set[int]:
+    """--pin: the system under test gets every CPU but the last; the bench and the broker keep the last."""
+    return set(_ALL_CPUS[:-1]) if len(_ALL_CPUS) > 1 else set(_ALL_CPUS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=10000, help="passages both systems ingest")
@@ -303,7 +313,12 @@ def main() -> None:
                     help="also run hybridrag with these environment settings, e.g. serial:HYBRIDRAG_QUERY_OVERLAP=0")
     ap.add_argument("--out", default="pipeline", help="results name: bench/results/NAME.json and NAME.png")
     ap.add_argument("--no-baseline", action="store_true", help="skip the naive baseline (for comparing variants only)")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the broker and the load generator to the last CPU and the system under test to the "
+                         "others, as if they ran on other machines")
     args = ap.parse_args()
+    if args.pin:
+        os.sched_setaffinity(0, set(_ALL_CPUS[-1:]))  # the broker inherits it
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = REPO / "data" / "bench"
     data.mkdir(parents=True, exist_ok=True)
