@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from agents import evaluation  # noqa: E402
 from agents.encoders import OriginalEncoder  # noqa: E402
+from agents.settings import Settings  # noqa: E402
 from agents.retriever import (  # noqa: E402
     AdaptiveConfig,
     AdaptiveRetriever,
@@ -83,13 +84,14 @@ class Prepared:
             bm25_scores(tokenize(ds.queries[q]), [tokenize(h.text) for h in c]) for q, c in zip(self.qids, self.cands)
         ]
 
-    def run(self, cfg: AdaptiveConfig | None, subset: list[int], fine_only: bool = False, k: int = 10):
-        """Doc ids per query: plain top-k when cfg is None, else fine-ranked (and thresholded)."""
+    def run(self, cfg: AdaptiveConfig | None, subset: list[int], fine_only: bool = False, k: int = 10,
+            min_score: float = -1.0):
+        """Doc ids per query: plain top-k when cfg is None (cosine >= min_score), else fine-ranked (and thresholded)."""
         out = {}
         for i in subset:
             ids = [h.doc_id for h in self.cands[i]]
             if cfg is None:
-                out[self.qids[i]] = ids[:k]
+                out[self.qids[i]] = [d for d, s in zip(ids[:k], self.dense[i][:k]) if s >= min_score]
                 continue
             if cfg.fine == "bm25" and cfg.bm25_weight > 0:
                 fine = blend(self.dense[i], self.lexical[i], cfg.bm25_weight)
@@ -116,6 +118,9 @@ def split(qids: list[str]) -> tuple[list[int], list[int]]:
     return sorted(order[0::2]), sorted(order[1::2])
 
 
+# what the service's plain top-k retriever returns by default
+SERVED_TOP_K = Settings.model_fields["top_k"].default
+SERVED_MIN_SCORE = Settings.model_fields["min_score"].default
 WEIGHTS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 RECALL_KEPT = 0.9
 
@@ -192,6 +197,8 @@ def main() -> None:
         qr = p.qrels(test)
         systems = {
             "top-k (cosine; context = top 5)": context_metrics(p.run(None, test), qr),
+            f"top-{SERVED_TOP_K} as served (cosine >= {SERVED_MIN_SCORE})": context_metrics(
+                p.run(None, test, k=SERVED_TOP_K, min_score=SERVED_MIN_SCORE), qr),
             "fine only (no threshold)": context_metrics(p.run(chosen, test, fine_only=True), qr),
             "adaptive (fine + threshold)": context_metrics(p.run(chosen, test), qr),
             "adaptive, cosine only": context_metrics(p.run(replace(chosen, fine="dense", bm25_weight=0.0), test), qr),
