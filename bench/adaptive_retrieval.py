@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO))
 
 from agents import evaluation  # noqa: E402
 from agents.encoders import OriginalEncoder  # noqa: E402
-from agents.settings import Settings  # noqa: E402
 from agents.retriever import (  # noqa: E402
     AdaptiveConfig,
     AdaptiveRetriever,
@@ -48,6 +47,7 @@ from agents.retriever import (  # noqa: E402
     tokenize,
     zscore,
 )
+from agents.settings import Settings  # noqa: E402
 
 DATASETS = ["chatterbot", "foldoc", "wordnet-revdict"]
 # the unanswerable pairing: queries of the first set against the corpus of the second

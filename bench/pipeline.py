@@ -203,9 +203,8 @@ def run_system(name, settings, cmd, env, docs, queries, qrels, args, ready_check
     asyncio.run(create_topics(settings))
     t_publish = time.perf_counter()
     asyncio.run(publish(settings, docs))
-    cpus = worker_cpus() if args.pin else None
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+                            preexec_fn=(lambda: os.sched_setaffinity(0, WORKER_CPUS)) if args.pin else None)
     try:
         while not ready_check():
             if proc.poll() is not None:
@@ -292,12 +291,11 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-_ALL_CPUS = sorted(os.sched_getaffinity(0))  # read at import, before --pin narrows this process
-
-
-def worker_cpus() -> set[int]:
-    """--pin: the system under test gets every CPU but the last; the bench and the broker keep the last."""
-    return set(_ALL_CPUS[:-1]) if len(_ALL_CPUS) > 1 else set(_ALL_CPUS)
+# --pin: this process, the broker (which inherits it) and the load generator keep the last CPU;
+# the system under test gets the others. Read at import, before --pin narrows this process.
+_ALL_CPUS = sorted(os.sched_getaffinity(0))
+BENCH_CPUS = set(_ALL_CPUS[-1:])
+WORKER_CPUS = set(_ALL_CPUS[:-1]) or BENCH_CPUS
 
 
 def main() -> None:
@@ -318,7 +316,7 @@ def main() -> None:
                          "others, as if they ran on other machines")
     args = ap.parse_args()
     if args.pin:
-        os.sched_setaffinity(0, set(_ALL_CPUS[-1:]))  # the broker inherits it
+        os.sched_setaffinity(0, BENCH_CPUS)
     RESULTS.mkdir(parents=True, exist_ok=True)
     data = REPO / "data" / "bench"
     data.mkdir(parents=True, exist_ok=True)
