@@ -106,7 +106,8 @@ class Runtime:
             raise ValueError(f"{encoder_kind} encoder {checkpoint or '(default)'} is version {encoder.version}, "
                              f"not {expect_version}")
         store = VectorStore(s.milvus_uri, s.collection, encoder.version, encoder.dim,
-                            s.milvus_token.get_secret_value(), encoder=encoder_kind, checkpoint=checkpoint)
+                            s.milvus_token.get_secret_value(), encoder=encoder_kind, checkpoint=checkpoint,
+                            hubness_k=s.hubness_k, hubness_refresh_growth=s.hubness_refresh_growth)
         return self.make_serving(encoder, store, encoder_kind, checkpoint)
 
     def make_serving(self, encoder, store, encoder_kind: str, checkpoint: str) -> Serving:
@@ -257,7 +258,8 @@ class Runtime:
         return self.reindex, target
 
     def finish_reindex(self, rebuild, target: Serving) -> tuple[int, int]:
-        """Swap: alias and serving pair together, once the counts agree."""
+        """Swap: alias and serving pair together, once the counts agree (and the new rows' hubness is exact)."""
+        rebuild.target.refresh_hubness()
         with self.swap_lock, rebuild.lock:
             counts = rebuild.verify()
             target.store.point_alias()

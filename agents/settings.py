@@ -100,13 +100,15 @@ class Settings(BaseSettings):
     )
     retriever_coarse_k: int = _f(50, "Adaptive: candidates the coarse stage takes from the store.")
     retriever_max_hits: int = _f(5, "Adaptive: most sources kept after the threshold.")
-    retriever_fine: Literal["bm25", "dense"] = _f("dense", "Adaptive: fine signal (cosine blended with BM25, or cosine alone).")
+    retriever_fine: Literal["hubness", "bm25", "dense"] = _f(
+        "hubness", "Adaptive: fine signal (cosine less its hubness, cosine blended with BM25, or cosine alone).")
+    retriever_hubness_weight: float = _f(0.25, "Adaptive: beta in the hubness signal, cosine - beta * hubness.")
     retriever_bm25_weight: float = _f(0.1, "Adaptive: weight of BM25 in the fine blend of z-scores.")
     retriever_threshold: Literal["margin", "zscore", "gap", "none"] = _f("margin", "Adaptive: the per-query threshold rule.")
-    retriever_margin: float = _f(2.5, "Adaptive: margin rule keeps fine >= top - margin * std of this query's scores.")
+    retriever_margin: float = _f(3.0, "Adaptive: margin rule keeps fine >= top - margin * std of this query's scores.")
     retriever_z: float = _f(1.0, "Adaptive: zscore rule keeps candidates at least this many std above this query's mean.")
-    retriever_confidence_z: float = _f(3.5, "Adaptive: no confident context when the top's z-score is below this ...")
-    retriever_min_cosine: float = _f(0.4, "Adaptive: ... and its cosine is below this too.")
+    retriever_confidence_z: float = _f(3.0, "Adaptive: no confident context when the top's z-score is below this ...")
+    retriever_min_cosine: float = _f(0.3, "Adaptive: ... and its cosine is below this too.")
 
     expand: bool = _f(False, "Search with the query blended with embedding-prior samples (HyDE-style; needs a prior for the encoder).")
     expand_k: int = _f(4, "Expansion: generated document embeddings per query.")
@@ -160,6 +162,9 @@ class Settings(BaseSettings):
     )  # not MILVUS_URI: pymilvus itself reads that variable and rejects file paths in it
     milvus_token: SecretStr = _f(SecretStr(""), "Milvus token (user:password) for a server (never logged).")
     collection: str = _f("hybridrag_chunks", "Base name of the vector collection (the encoder version is appended).")
+    hubness_k: int = _f(20, "Neighbours whose mean cosine is a chunk's stored hubness (CSLS); 0 stores none.")
+    hubness_refresh_growth: float = _f(1.25, "Recompute every chunk's hubness when the collection has grown by this "
+                                       "factor since the last time (0: never).")
     redis_url: str = _f(
         "redis://127.0.0.1:6379/0", "Redis URL; redis://user:pass@host/0 for AUTH, rediss:// for TLS.",
         "REDIS_URL", "HYBRIDRAG_REDIS_URL",

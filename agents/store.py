@@ -7,6 +7,19 @@ deterministic chunk id, so replaying a document changes no row count.
 
 Milvus Lite is single-process: exactly one worker process owns the file.
 Point ``HYBRIDRAG_MILVUS_URI`` at a Milvus server to run several workers.
+
+**Hubness.** Every row also stores the mean cosine of its vector to its
+``hubness_k`` nearest real (not synthetic) rows of the same tenant. In
+high-dimensional embedding spaces some points ("hubs") sit close to
+everything and crowd the top of unrelated queries' lists (Radovanović et al.
+2010, https://jmlr.org/papers/v11/radovanovic10a.html); subtracting this
+local density from the cosine is CSLS (Conneau et al. 2018,
+https://arxiv.org/abs/1710.04087), the adaptive retriever's fine signal. An
+upsert estimates the new rows' hubness from the rows already stored; since an
+early row saw fewer neighbours than a late one, the whole collection is
+recomputed whenever it has grown by ``hubness_refresh_growth`` since the last
+time (a geometric schedule, so the total work stays a small multiple of one
+refresh), and before a re-index is swapped in.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MAX_TEXT_BYTES = 65_535  # Milvus VARCHAR limit
+HUBNESS_MIN_ROWS = 64  # below this a collection is small enough to refresh its hubness on every write
 
 
 @dataclass
@@ -36,6 +50,7 @@ class Hit:
     synthetic: bool = False
     tenant: str = ""
     title: str = ""
+    hubness: float = 0.0  # mean cosine to the row's nearest stored neighbours (see the module docstring)
 
 
 @dataclass
@@ -48,6 +63,33 @@ class Row:
     title: str = ""
     tenant: str = ""
     synthetic: bool = False
+    hubness: float = 0.0  # set by VectorStore.upsert
+
+
+def mean_top_similarity(vectors: np.ndarray, pool: np.ndarray, k: int, exclude: np.ndarray | None = None,
+                        chunk: int = 512) -> np.ndarray:
+    """Mean of each vector's ``k`` largest inner products with the rows of ``pool``: its hubness.
+
+    ``exclude[i]`` is a pool row that vector ``i`` must not count (itself), or -1.
+    Fewer than ``k`` pool rows: the mean of those there are; none: 0.
+    vectors (N, d), pool (M, d) float32 -> float32 (N,).
+    """
+    vectors = np.asarray(vectors, np.float32)
+    pool = np.asarray(pool, np.float32)
+    out = np.zeros(len(vectors), np.float32)
+    m = len(pool) - (0 if exclude is None else 1)
+    kk = min(k, m)
+    if kk <= 0 or len(vectors) == 0:
+        return out
+    for i in range(0, len(vectors), chunk):
+        sims = vectors[i : i + chunk] @ pool.T  # (n, M)
+        if exclude is not None:
+            ex = np.asarray(exclude[i : i + chunk])
+            rows = np.nonzero(ex >= 0)[0]
+            sims[rows, ex[rows]] = -np.inf
+        top = np.partition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]
+        out[i : i + chunk] = np.where(np.isfinite(top), top, 0.0).sum(1) / kk
+    return out
 
 
 def collection_name(base: str, encoder_version: str) -> str:
@@ -76,6 +118,7 @@ class ExactMirror:
         self.alive = np.zeros(1024, dtype=bool)
         self.synthetic = np.zeros(1024, dtype=bool)
         self.tenant = np.zeros(1024, dtype=np.int32)
+        self.hubness = np.zeros(1024, dtype=np.float32)
         self.meta: list[tuple] = []  # (id, doc_id, chunk, text, title, tenant, synthetic) per row
         self.row_of: dict[str, int] = {}
         self.rows_of_doc: dict[str, set[int]] = {}
@@ -87,13 +130,14 @@ class ExactMirror:
         if need <= cap:
             return
         new = max(need, cap * 2)
-        for name in ("vectors", "alive", "synthetic", "tenant"):
+        for name in ("vectors", "alive", "synthetic", "tenant", "hubness"):
             old = getattr(self, name)
             grown = np.zeros((new,) + old.shape[1:], dtype=old.dtype)
             grown[: self.size] = old[: self.size]
             setattr(self, name, grown)
 
-    def put(self, id: str, vector, doc_id: str, chunk: int, text: str, title: str, tenant: str, synthetic: bool) -> None:
+    def put(self, id: str, vector, doc_id: str, chunk: int, text: str, title: str, tenant: str, synthetic: bool,
+            hubness: float = 0.0) -> None:
         row = self.row_of.get(id)
         if row is None:
             self._grow(self.size + 1)
@@ -104,6 +148,7 @@ class ExactMirror:
         self.vectors[row] = vector
         self.alive[row] = True
         self.synthetic[row] = synthetic
+        self.hubness[row] = hubness
         self.tenant[row] = self.tenant_code.setdefault(tenant, len(self.tenant_code))
         self.meta[row] = (id, doc_id, int(chunk), text, title, tenant, bool(synthetic))
         self.rows_of_doc.setdefault(doc_id, set()).add(row)
@@ -122,6 +167,18 @@ class ExactMirror:
 
     def count(self) -> int:
         return len(self.row_of)
+
+    def neighbour_pool(self, tenant: str, skip_ids: set[str] = frozenset()) -> np.ndarray:
+        """Row numbers of the live real rows of ``tenant``, less ``skip_ids``: whom hubness is measured against."""
+        n = self.size
+        if tenant not in self.tenant_code:
+            return np.zeros(0, dtype=np.int64)
+        mask = self.alive[:n] & ~self.synthetic[:n] & (self.tenant[:n] == self.tenant_code[tenant])
+        for i in skip_ids:
+            r = self.row_of.get(i)
+            if r is not None:
+                mask[r] = False
+        return np.nonzero(mask)[0]
 
     def search(self, queries: np.ndarray, top_k: int, tenant: str, include_synthetic: bool) -> list[list[Hit]]:
         n = self.size
@@ -143,7 +200,7 @@ class ExactMirror:
             for r in rows:
                 id_, doc_id, chunk, text, title, ten, synth = self.meta[r]
                 hits.append(Hit(id=id_, doc_id=doc_id, chunk=chunk, text=text, score=float(scores[qi, r]),
-                                synthetic=synth, tenant=ten, title=title))
+                                synthetic=synth, tenant=ten, title=title, hubness=float(self.hubness[r])))
             out.append(hits)
         return out
 
@@ -197,7 +254,7 @@ class VectorStore:
     OUTPUT_FIELDS = ["doc_id", "chunk", "text", "title", "tenant", "synthetic"]
 
     def __init__(self, uri: str, base: str, encoder_version: str, dim: int, token: str = "", *,
-                 encoder: str = "", checkpoint: str = ""):
+                 encoder: str = "", checkpoint: str = "", hubness_k: int = 20, hubness_refresh_growth: float = 1.25):
         self.uri = uri
         self.base = base
         self.dim = dim
@@ -208,15 +265,29 @@ class VectorStore:
         self.client = milvus_client(uri, token)
         # MilvusClient is not documented thread-safe; the agents call it from executors
         self._lock = threading.Lock()
+        self.hubness_k = hubness_k  # 0: no hubness (every row stores 0)
+        self.hubness_refresh_growth = hubness_refresh_growth
         self._ensure_collection()
+        self._read_schema()
         self.mirror: ExactMirror | None = None
         if "://" not in uri:
             self.mirror = ExactMirror(dim)
             self._load_mirror()
 
+    def _read_schema(self) -> None:
+        desc = self.client.describe_collection(self.name)
+        # a collection created before the field existed serves hubness 0 (the cosine alone) until re-indexed
+        self.has_hubness = "hubness" in {f["name"] for f in desc.get("fields", [])}
+        if not self.has_hubness:
+            log.warning("collection %s stores no hubness; the adaptive retriever's hubness signal is off for it "
+                        "until it is re-indexed (`hybridrag reindex`)", self.name)
+        self.output_fields = self.OUTPUT_FIELDS + (["hubness"] if self.has_hubness else [])
+        props = desc.get("properties", {}) or {}
+        self.hubness_rows = int(props.get("hybridrag.hubness_rows", 0))  # rows at the last full refresh
+
     def _load_mirror(self) -> None:
         assert self.mirror is not None
-        fields = ["id", "vector"] + self.OUTPUT_FIELDS
+        fields = ["id", "vector"] + self.output_fields
         with self._lock:
             it = self.client.query_iterator(self.name, batch_size=2000, filter="", output_fields=fields)
             while True:
@@ -226,7 +297,7 @@ class VectorStore:
                     break
                 for r in batch:
                     self.mirror.put(r["id"], np.asarray(r["vector"], np.float32), r["doc_id"], r["chunk"], r["text"],
-                                    r["title"], r["tenant"], r["synthetic"])
+                                    r["title"], r["tenant"], r["synthetic"], float(r.get("hubness") or 0.0))
 
     def _ensure_collection(self) -> None:
         from pymilvus import DataType, MilvusClient
@@ -247,6 +318,7 @@ class VectorStore:
             schema.add_field("synthetic", DataType.BOOL)
             schema.add_field("encoder_version", DataType.VARCHAR, max_length=128)
             schema.add_field("indexed_at", DataType.DOUBLE)
+            schema.add_field("hubness", DataType.FLOAT)
             index = self.client.prepare_index_params()
             # FLAT is exact and the only index Milvus Lite has; on a server, HNSW scales further
             index_type = "FLAT" if "://" not in self.uri else "HNSW"
@@ -262,8 +334,12 @@ class VectorStore:
             log.info("created collection %s (dim %d, %s)", self.name, self.dim, index_type)
 
     def upsert(self, rows: Sequence[Row]) -> int:
+        """Write rows (by id: a replay changes nothing), with their hubness estimated from the stored rows."""
         if not rows:
             return 0
+        if self.has_hubness and self.hubness_k > 0:
+            for r, h in zip(rows, self.estimate_hubness(rows)):
+                r.hubness = float(h)
         now = time.time()
         data = [
             {
@@ -277,6 +353,7 @@ class VectorStore:
                 "synthetic": bool(r.synthetic),
                 "encoder_version": self.encoder_version,
                 "indexed_at": now,
+                **({"hubness": float(r.hubness)} if self.has_hubness else {}),
             }
             for r in rows
         ]
@@ -285,8 +362,123 @@ class VectorStore:
             if self.mirror is not None:
                 for r, d in zip(rows, data):
                     self.mirror.put(r.id, np.asarray(r.vector, np.float32), r.doc_id, r.chunk, d["text"], d["title"],
-                                    r.tenant, bool(r.synthetic))
+                                    r.tenant, bool(r.synthetic), float(r.hubness))
+        if self.has_hubness and self.hubness_k > 0 and self.hubness_refresh_growth > 0:
+            n = self.count()
+            if n >= max(HUBNESS_MIN_ROWS, self.hubness_refresh_growth * self.hubness_rows) or n < HUBNESS_MIN_ROWS:
+                self.refresh_hubness()
         return len(data)
+
+    # ------------------------------------------------------------------ hubness
+
+    def estimate_hubness(self, rows: Sequence[Row]) -> np.ndarray:
+        """Each new row's mean cosine to its nearest real rows: those stored (other than the batch) and the batch's own."""
+        vecs = np.stack([np.asarray(r.vector, np.float32) for r in rows])  # (B, d)
+        out = np.zeros(len(rows), np.float32)
+        batch_ids = {r.id for r in rows}
+        k = self.hubness_k
+        by_tenant: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            by_tenant.setdefault(r.tenant, []).append(i)
+        for tenant, idx in by_tenant.items():
+            v = vecs[idx]
+            real = [j for j, i in enumerate(idx) if not rows[i].synthetic]
+            # similarities to the batch's own real rows, less each row itself
+            own = v @ v[real].T if real else np.zeros((len(idx), 0), np.float32)  # (b, r)
+            for pos, j in enumerate(real):
+                own[j, pos] = -np.inf
+            if self.mirror is not None:
+                with self._lock:
+                    pool = self.mirror.neighbour_pool(tenant, batch_ids)
+                    stored = v @ self.mirror.vectors[pool].T  # (b, P)
+            else:
+                hits = self.search(v, k + 1, tenant=tenant, include_synthetic=False)
+                stored = np.full((len(idx), k + 1), -np.inf, np.float32)
+                for qi, hs in enumerate(hits):
+                    scores = [h.score for h in hs if h.id not in batch_ids][: k + 1]
+                    stored[qi, : len(scores)] = scores
+            sims = np.concatenate([stored, own], axis=1)
+            kk = min(k, sims.shape[1])
+            if kk == 0:
+                continue
+            top = np.partition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]
+            finite = np.isfinite(top)
+            out[idx] = np.where(finite, top, 0.0).sum(1) / np.maximum(finite.sum(1), 1)
+        return out
+
+    def refresh_hubness(self) -> int:
+        """Recompute every row's hubness against the whole collection; returns the rows updated.
+
+        Computed outside the lock, so searches go on; written back in slices with a
+        partial update, which never recreates a row deleted meanwhile.
+        """
+        if not self.has_hubness or self.hubness_k <= 0:
+            return 0
+        t0 = time.perf_counter()
+        ids: list[str] = []
+        values: list[np.ndarray] = []
+        if self.mirror is not None:
+            with self._lock:
+                m = self.mirror
+                n = m.size
+                snapshot = {t: (np.nonzero(m.alive[:n] & (m.tenant[:n] == code))[0], m.neighbour_pool(t))
+                            for t, code in m.tenant_code.items()}
+                vectors = m.vectors[:n].copy()
+                row_ids = [m.meta[r][0] if m.meta[r] else "" for r in range(n)]
+            for rows, pool in snapshot.values():
+                if len(rows) == 0:
+                    continue
+                where = {int(p): j for j, p in enumerate(pool)}
+                exclude = np.array([where.get(int(r), -1) for r in rows])
+                values.append(mean_top_similarity(vectors[rows], vectors[pool], self.hubness_k, exclude))
+                ids.extend(row_ids[r] for r in rows)
+        else:
+            with self._lock:
+                it = self.client.query_iterator(self.name, batch_size=1000, filter="", output_fields=["id", "vector", "tenant"])
+            while True:
+                with self._lock:
+                    batch = it.next()
+                if not batch:
+                    it.close()
+                    break
+                out = np.zeros(len(batch), np.float32)
+                for tenant in {r["tenant"] for r in batch}:
+                    idx = [i for i, r in enumerate(batch) if r["tenant"] == tenant]
+                    vecs = np.array([batch[i]["vector"] for i in idx], np.float32)
+                    for i, hs in zip(idx, self.search(vecs, self.hubness_k + 1, tenant=tenant, include_synthetic=False)):
+                        scores = [h.score for h in hs if h.id != batch[i]["id"]][: self.hubness_k]
+                        out[i] = float(np.mean(scores)) if scores else 0.0
+                values.append(out)
+                ids.extend(r["id"] for r in batch)
+        hub = np.concatenate(values) if values else np.zeros(0, np.float32)
+        for i in range(0, len(ids), 2000):
+            self._write_hubness(ids[i : i + 2000], hub[i : i + 2000])
+        self.hubness_rows = len(ids)
+        with self._lock:
+            self.client.alter_collection_properties(self.name, properties={"hybridrag.hubness_rows": str(len(ids))})
+        log.info("hubness of %s refreshed: %d rows in %.1fs", self.name, len(ids), time.perf_counter() - t0)
+        return len(ids)
+
+    def _write_hubness(self, ids: Sequence[str], values: np.ndarray) -> None:
+        with self._lock:
+            if self.mirror is not None:
+                # Milvus Lite has one writer, this process: the mirror knows which rows still exist
+                live = [(i, float(v)) for i, v in zip(ids, values) if i in self.mirror.row_of]
+                for i, v in live:
+                    self.mirror.hubness[self.mirror.row_of[i]] = v
+            else:
+                live = [(i, float(v)) for i, v in zip(ids, values)]
+            if not live:
+                return
+            data = [{"id": i, "hubness": v} for i, v in live]
+            try:
+                self.client.upsert(self.name, data, partial_update=True)
+            except Exception:  # another worker deleted a row of the slice: update the rest one by one
+                for d in data:
+                    try:
+                        self.client.upsert(self.name, [d], partial_update=True)
+                    except Exception:
+                        log.debug("hubness of %s not written (row gone)", d["id"])
 
     def delete_stale_chunks(self, doc_chunks: dict[str, int]) -> None:
         """Drop chunks past the new end of re-ingested documents (a shorter new version)."""
@@ -345,7 +537,7 @@ class VectorStore:
                     data=[np.asarray(vectors[i], dtype=np.float32).tolist() for i in rows],
                     limit=top_k,
                     filter=expr,
-                    output_fields=self.OUTPUT_FIELDS,
+                    output_fields=self.output_fields,
                 )
             for i, hits in zip(rows, res):
                 out[i] = [
@@ -358,6 +550,7 @@ class VectorStore:
                         synthetic=bool(h["entity"]["synthetic"]),
                         tenant=h["entity"]["tenant"],
                         title=h["entity"]["title"],
+                        hubness=float(h["entity"].get("hubness") or 0.0),
                     )
                     for h in hits
                 ]
@@ -405,6 +598,7 @@ class VectorStore:
         """Start this collection over, empty (a re-index that a crash interrupted leaves rows behind)."""
         self.drop()
         self._ensure_collection()
+        self._read_schema()
         if self.mirror is not None:
             self.mirror = ExactMirror(self.dim)
 

@@ -79,6 +79,30 @@ def test_questions_are_answered_with_their_sources(serving):
     assert {a.query_id for a in answers} <= logged
 
 
+def test_the_adaptive_retriever_answers_through_the_worker(make_settings, make_worker):
+    """The same corpus and questions with HYBRIDRAG_RETRIEVER=adaptive: the store hands each hit
+    its hubness, the fine stage re-ranks, and every question still cites its passage, with at most
+    max_hits sources. A string that resembles no passage gets no confident context."""
+    settings = make_settings(retriever="adaptive")
+    worker = make_worker(settings)
+    docs = demo_docs()
+    run(publish(settings, docs))
+    worker.wait_ready(min_rows=len(docs))
+    qs = demo_questions()
+    nonsense = "zxqv prrt glorbnak fwee snorbulate"
+
+    async def ask():
+        async with AsyncClient(settings) as c:
+            return await c.ask_many([q["question"] for q in qs] + [nonsense], timeout_s=60)
+
+    *answers, lost = run(ask())
+    for q, a in zip(qs, answers):
+        assert a.confident and 1 <= len(a.sources) <= settings.retriever_max_hits, q
+        assert q["expected_doc_id"] in [s.doc_id for s in a.sources], (q, [s.doc_id for s in a.sources])
+    assert not lost.confident and not lost.sources
+    assert lost.answer.startswith("No confident context")
+
+
 def test_bad_records_go_to_the_dlq_and_the_worker_keeps_answering(serving):
     """Malformed JSON, invalid UTF-8, wrong types, unknown fields, a wrong schema version,
     oversized and empty text each land in the DLQ with a reason; the next good query is answered."""

@@ -62,3 +62,28 @@ def test_two_workers_share_a_milvus_server(make_settings, make_worker, milvus_se
             assert q["expected_doc_id"] in [s.doc_id for s in a.sources]
     assert len({a.worker for a in rounds[-1]}) == 2, [{a.worker for a in r} for r in rounds]
     assert w1.health()["collection"] == w2.health()["collection"]
+
+
+def test_hubness_on_a_milvus_server_matches_the_exact_value(milvus_server):
+    """The same store code against a server (no mirror, HNSW): the upsert's estimate and the
+    refresh search the server for each row's neighbours, and the partial updates land."""
+    import numpy as np
+
+    from agents.store import Row, VectorStore, mean_top_similarity
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((150, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    s = VectorStore(milvus_server, "hub_srv", "v1", 16, hubness_k=5)
+    assert s.mirror is None and s.has_hubness
+    s.upsert([Row(f"d{i}#0", f"d{i}", 0, "t", x[i]) for i in range(150)])
+    assert s.hubness_rows == 150
+    ids = [f"d{i}#0" for i in range(0, 150, 10)]
+    stored = {r["id"]: r["hubness"] for r in s.client.get(s.name, ids=ids, output_fields=["hubness"])}
+    for i in range(0, 150, 10):
+        exact = float(mean_top_similarity(x[i : i + 1], np.delete(x, i, axis=0), 5)[0])
+        assert stored[f"d{i}#0"] == pytest.approx(exact, abs=1e-4)
+    (hit,) = s.search(x[:1], 1)[0]
+    assert hit.id == "d0#0" and hit.hubness == pytest.approx(stored["d0#0"], abs=1e-6)
+    s.drop()
+    s.close()

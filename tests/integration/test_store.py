@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agents.store import Row, VectorStore
+from agents.store import Row, VectorStore, mean_top_similarity
 
 pytestmark = pytest.mark.integration
 
@@ -54,3 +54,46 @@ def test_reopen_loads_the_mirror_and_deletes_reach_both(store, tmp_path):
     hit_ids = {h.id for hs in again.search(x[:10], 300, tenant="a") for h in hs}
     assert not {"d1#0", "d2#0", "d4#0"} & hit_ids
     assert again.search(x[7:8], 1, tenant="a")[0][0].id == "d7#0"
+
+
+def exact_hubness(x, tenant_of, synthetic_of, i, k=20):
+    """Row i's mean cosine to its k nearest real rows of its tenant, itself left out."""
+    pool = [j for j in range(len(x)) if tenant_of(j) == tenant_of(i) and not synthetic_of(j) and j != i]
+    return float(mean_top_similarity(x[i : i + 1], x[pool], k)[0])
+
+
+def test_hubness_is_exact_after_the_refresh_and_survives_a_reopen(store, tmp_path):
+    """300 rows in one write pass the refresh threshold: every row's hubness is then its mean
+    cosine to its 20 nearest real rows of the same tenant, in the mirror, in Milvus, and in the
+    hits; a reopened store reads the same values back from the file."""
+    s, x, rng = store
+    tenant_of, synthetic_of = (lambda j: "a" if j % 3 else "b"), (lambda j: j % 5 == 0)
+    assert s.hubness_rows == 300
+    expected = {f"d{i}#0": exact_hubness(x, tenant_of, synthetic_of, i) for i in range(0, 300, 7)}
+    stored = {r["id"]: r["hubness"] for r in s.client.get(s.name, ids=list(expected), output_fields=["hubness"])}
+    assert stored == pytest.approx(expected, abs=1e-5)
+    hits = s.search(x[7:8], 1, tenant="a")[0]
+    assert hits[0].hubness == pytest.approx(exact_hubness(x, tenant_of, synthetic_of, 7), abs=1e-5)
+    s.close()
+    again = VectorStore(str(tmp_path / "s.db"), "c", "v1", 16)
+    assert again.hubness_rows == 300
+    assert again.search(x[7:8], 1, tenant="a")[0][0].hubness == pytest.approx(hits[0].hubness, abs=1e-6)
+
+
+def test_an_upsert_estimates_hubness_from_the_stored_rows_and_its_own_batch(tmp_path):
+    """Between refreshes a new row's hubness counts the rows already stored and the other rows of its
+    batch, never an older copy of itself; growing past the factor refreshes the whole collection."""
+    rng = np.random.default_rng(1)
+    s = VectorStore(str(tmp_path / "e.db"), "e", "v1", 16, hubness_k=5, hubness_refresh_growth=2.0)
+    x = unit(rng, 200)
+    s.upsert([Row(f"d{i}#0", f"d{i}", 0, "t", x[i]) for i in range(100)])
+    assert s.hubness_rows == 100
+    s.upsert([Row(f"d{i}#0", f"d{i}", 0, "t", x[i]) for i in (3, 100, 101)])  # a replay and two new rows
+    rows = {i: s.mirror.hubness[s.mirror.row_of[f"d{i}#0"]] for i in (3, 100, 101)}
+    for i in (3, 100, 101):
+        others = [j for j in range(102) if j != i]
+        assert rows[i] == pytest.approx(float(mean_top_similarity(x[i : i + 1], x[others], 5)[0]), abs=1e-5)
+    assert s.hubness_rows == 100  # 102 rows: no refresh yet
+    s.upsert([Row(f"d{i}#0", f"d{i}", 0, "t", x[i]) for i in range(102, 200)])
+    assert s.hubness_rows == 200
+    s.close()

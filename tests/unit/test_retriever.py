@@ -16,6 +16,7 @@ from agents.retriever import (
     bm25_scores,
     cut,
     gap_cut,
+    hubness_corrected,
     is_confident,
     light_stem,
     margin_cut,
@@ -23,7 +24,7 @@ from agents.retriever import (
     zscore,
     zscore_cut,
 )
-from agents.store import Hit
+from agents.store import Hit, mean_top_similarity
 
 
 def test_tokenize_drops_stop_words_and_plurals():
@@ -87,11 +88,43 @@ def test_confidence():
     assert not is_confident(np.array([]), 2.0, 0.5)
 
 
+def test_mean_top_similarity_by_hand_and_without_itself():
+    """A point's hubness is the mean of its k largest inner products with the pool, its own row left out."""
+    pool = np.array([[1, 0], [0.8, 0.6], [0, 1], [-1, 0]], dtype=np.float32)
+    # row 0 against the others: 0.8, 0, -1 -> the top 2 are 0.8 and 0
+    assert mean_top_similarity(pool, pool, 2, np.arange(4))[0] == pytest.approx(0.4)
+    # without excluding itself, its own 1.0 counts
+    assert mean_top_similarity(pool[:1], pool, 2)[0] == pytest.approx(0.9)
+    # k larger than the pool: the mean of all there are; an empty pool: 0
+    assert mean_top_similarity(pool[:1], pool[1:2], 5)[0] == pytest.approx(0.8)
+    assert mean_top_similarity(pool[:1], pool[:1], 5, np.array([0]))[0] == 0.0
+    # chunking changes nothing
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 8)).astype(np.float32)
+    assert np.allclose(mean_top_similarity(x, x, 3, np.arange(50), chunk=7), mean_top_similarity(x, x, 3, np.arange(50)))
+
+
+def test_hubness_correction_demotes_a_hub():
+    """A hub is close to the query only because it is close to everything: CSLS puts the
+    specific document first even though its cosine is a little lower."""
+    cands = [[Hit("hub#0", "hub", 0, "hub", 0.62, hubness=0.55), Hit("answer#0", "answer", 0, "answer", 0.60, hubness=0.20),
+              Hit("far#0", "far", 0, "far", 0.30, hubness=0.20)]]
+    r = AdaptiveRetriever(store=None, config=AdaptiveConfig(fine="hubness", hubness_weight=0.5))
+    (ranked,) = r.fine_stage(["q"], np.zeros((1, 4)), cands)
+    assert [h.doc_id for h in ranked] == ["answer", "hub", "far"]
+    assert ranked[0].hubness == 0.20 and ranked[0].coarse_score == 0.60
+    assert hubness_corrected([0.62, 0.60], [0.55, 0.20], 0.0).tolist() == pytest.approx(zscore([0.62, 0.60]).tolist())
+    (ranked,) = AdaptiveRetriever(store=None, config=AdaptiveConfig(fine="dense")).fine_stage(["q"], np.zeros((1, 4)), cands)
+    assert ranked[0].doc_id == "hub"
+
+
 def test_invalid_config_names():
     with pytest.raises(ValueError, match="median is not a valid threshold"):
         AdaptiveConfig(threshold="median")
     with pytest.raises(ValueError, match="colbert is not a valid fine signal"):
         AdaptiveConfig(fine="colbert")
+    with pytest.raises(ValueError, match="hubness_weight"):
+        AdaptiveConfig(hubness_weight=-1)
 
 
 # ---------------------------------------------------------------- stages over a tiny index
@@ -181,3 +214,6 @@ def test_numpy_index_is_exact_cosine():
     expected = np.argsort(-(vecs @ q[0]))[:5]
     assert [h.doc_id for h in hits] == [str(i) for i in expected]
     assert [h.score for h in hits] == pytest.approx((vecs @ q[0])[expected].tolist(), rel=1e-5)
+    # each hit carries its hubness over the whole index (20 nearest others)
+    others = np.sort(np.delete(vecs @ vecs[expected[0]], expected[0]))[-20:]
+    assert hits[0].hubness == pytest.approx(float(others.mean()), rel=1e-5)
