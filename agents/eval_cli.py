@@ -72,13 +72,22 @@ def eval_cmd(
     no_cache: bool = typer.Option(False, "--no-cache", help="Re-encode corpora instead of reading cached embeddings."),
     out: Path = typer.Option(Path("bench/results/eval.json"), help="Where to write the JSON report."),
     baseline: str = typer.Option("original", help="The system the 'vs' column divides by."),
+    retriever: Optional[str] = typer.Option(
+        None, help="adaptive: the adaptive retriever (HYBRIDRAG_RETRIEVER_* settings) against plain top-k as served "
+        "(HYBRIDRAG_TOP_K, HYBRIDRAG_MIN_SCORE) and the top-100 ranking, all with the original encoder; the same as "
+        "--systems original,topk,adaptive --baseline topk."),
 ) -> None:
     """Evaluate retrieval systems on BEIR-layout sets: nDCG@10, MRR@10, Recall@10/50/100, P@5."""
     from agents import evaluation
 
     opts = evaluation.SystemOptions(device=device, checkpoint=checkpoint, batch_size=batch_size,
                                     cache=not no_cache)
+    if retriever not in (None, "topk", "adaptive"):
+        raise typer.BadParameter(f"{retriever} is not a valid retriever (topk, adaptive)")
     names = [s.strip() for s in systems.split(",") if s.strip()]
+    if retriever == "adaptive":
+        names = list(dict.fromkeys(["original", *[n for n in names if n != "bm25"], "topk", "adaptive"]))
+        baseline = "topk"
     try:
         built = [evaluation.make_system(n, opts) for n in names]
     except ValueError as e:

@@ -359,7 +359,8 @@ class NumpyIndex:
         from agents.store import mean_top_similarity
 
         self.doc_ids, self.vectors, self.texts = list(doc_ids), np.asarray(vectors, np.float32), list(texts)
-        self.hubness = mean_top_similarity(self.vectors, self.vectors, hubness_k, np.arange(len(self.vectors)))
+        self.hubness = (mean_top_similarity(self.vectors, self.vectors, hubness_k, np.arange(len(self.vectors)))
+                        if hubness_k > 0 else np.zeros(len(self.vectors), np.float32))
 
     def search(self, vectors: np.ndarray, top_k: int, *, tenant: Any = "", include_synthetic: bool = True
                ) -> list[list[Hit]]:
@@ -396,15 +397,44 @@ def adaptive_retriever_factory(config: AdaptiveConfig | None = None):
     return factory
 
 
+def served_top_k_factory(top_k: int, min_score: float):
+    """A factory for :class:`agents.evaluation.DenseSystem`: the plain top-k the service serves
+    (``top_k`` hits with cosine >= ``min_score``), whatever depth the harness asks for."""
+
+    def factory(doc_ids: list[str], doc_vecs: np.ndarray, doc_texts: list[str]):
+        index = NumpyIndex(doc_ids, doc_vecs, doc_texts, hubness_k=0)
+
+        def retrieve(query_texts: list[str], query_vecs: np.ndarray, k: int) -> list[list[str]]:
+            return [[h.doc_id for h in hits if h.score >= min_score] for hits in index.search(query_vecs, top_k)]
+
+        return retrieve
+
+    return factory
+
+
 def _register_eval_systems() -> None:
     from agents import evaluation
+
+    @evaluation.register_system("topk")
+    def _topk(opts: "evaluation.SystemOptions") -> "evaluation.System":
+        """``hybridrag eval --systems topk``: the original encoder, plain top-k as served (HYBRIDRAG_TOP_K, _MIN_SCORE)."""
+        from agents.encoders import OriginalEncoder
+        from agents.settings import Settings
+
+        s = Settings()
+        return evaluation.DenseSystem("topk", OriginalEncoder(device=opts.device), served_top_k_factory(s.top_k, s.min_score),
+                                      batch_size=opts.batch_size, cache=opts.cache, progress=opts.progress)
 
     @evaluation.register_system("adaptive")
     def _adaptive(opts: "evaluation.SystemOptions") -> "evaluation.System":
         """``hybridrag eval --systems original,adaptive``: the original encoder, adaptive retrieval."""
         from agents.encoders import OriginalEncoder
 
-        cfg = AdaptiveConfig(**opts.extra.get("adaptive", {}))
+        from agents.settings import Settings
+
+        # the deployment's HYBRIDRAG_RETRIEVER_* settings, unless the caller passes a config
+        extra = opts.extra.get("adaptive")
+        cfg = AdaptiveConfig(**extra) if extra is not None else AdaptiveConfig.from_settings(Settings())
         return evaluation.DenseSystem("adaptive", OriginalEncoder(device=opts.device), adaptive_retriever_factory(cfg),
                                       batch_size=opts.batch_size, cache=opts.cache, progress=opts.progress)
 
