@@ -217,3 +217,13 @@ def test_numpy_index_is_exact_cosine():
     # each hit carries its hubness over the whole index (20 nearest others)
     others = np.sort(np.delete(vecs @ vecs[expected[0]], expected[0]))[-20:]
     assert hits[0].hubness == pytest.approx(float(others.mean()), rel=1e-5)
+
+
+def test_served_top_k_returns_what_the_service_cites():
+    """The eval system for plain top-k: at most top_k ids, none under min_score, whatever depth is asked."""
+    from agents.retriever import served_top_k_factory
+
+    vecs = np.eye(6, dtype=np.float32)
+    q = unit([1.0, 0.5, 0.1, 0.0, 0.0, 0.0])[None]
+    retrieve = served_top_k_factory(top_k=3, min_score=0.2)([f"d{i}" for i in range(6)], vecs, ["t"] * 6)
+    assert retrieve(["q"], q, 100) == [["d0", "d1"]]  # d2's cosine is 0.09
