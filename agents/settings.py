@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     milvus_token: SecretStr = _f(SecretStr(""), "Milvus token (user:password) for a server (never logged).")
     collection: str = _f("hybridrag_chunks", "Base name of the vector collection (the encoder version is appended).")
     hubness_k: int = _f(20, "Neighbours whose mean cosine is a chunk's stored hubness (CSLS); 0 stores none.")
-    hubness_refresh_growth: float = _f(1.25, "Recompute every chunk's hubness when the collection has grown by this "
+    hubness_refresh_growth: float = _f(1.5, "Recompute every chunk's hubness when the collection has grown by this "
                                        "factor since the last time (0: never).")
     redis_url: str = _f(
         "redis://127.0.0.1:6379/0", "Redis URL; redis://user:pass@host/0 for AUTH, rediss:// for TLS.",
