@@ -27,6 +27,8 @@ CONSUMER_LAG = Gauge("hybridrag_consumer_lag", "Records behind the end of each a
 SYNTH_SAMPLES = Counter("hybridrag_synthetic_samples_total", "Diffusion samples, by filter outcome.", ["outcome"], registry=REGISTRY)
 SYNTH_FAILURES = Counter("hybridrag_synthesis_failures_total", "Sampled queries whose synthesis failed.", registry=REGISTRY)
 REINDEXES = Counter("hybridrag_reindexes_total", "Collections rebuilt for a promoted encoder and swapped in.", registry=REGISTRY)
+QUERY_BANK = Gauge("hybridrag_query_bank_queries", "Served queries in the adaptive retriever's query bank, all tenants.",
+                   registry=REGISTRY)
 LEARNER_UPDATES = Counter("hybridrag_learner_updates_total", "Continual-learning updates, by outcome.", ["outcome"], registry=REGISTRY)
 
 

@@ -7,13 +7,20 @@
 **Fine signal.** Three are built in, each z-normalised over the query's
 candidates so they share one scale without a constant per corpus:
 
-- ``hubness`` (the default): ``cos(q, d) - beta * r(d)``, where ``r(d)`` is the
-  mean cosine of ``d`` to its 20 nearest stored neighbours, kept with each row
-  by the store (agents/store.py). Some vectors are hubs, close to everything,
-  and they take top places from the right answer for unrelated queries;
-  discounting a candidate by its local density is CSLS (Conneau et al. 2018,
-  https://arxiv.org/abs/1710.04087; hubness: Radovanović et al. 2010). It costs
-  nothing at query time: ``r(d)`` comes back with the hit.
+- ``hubness`` (the default): ``cos(q, d) - beta * r(d) - gamma * b(d)``.
+  ``r(d)`` is the mean cosine of ``d`` to its 20 nearest stored neighbours,
+  kept with each row by the store (agents/store.py). Some vectors are hubs,
+  close to everything, and they take top places from the right answer for
+  unrelated queries; discounting a candidate by its local density is CSLS
+  (Conneau et al. 2018, https://arxiv.org/abs/1710.04087; hubness: Radovanović
+  et al. 2010). It costs nothing at query time: ``r(d)`` comes back with the
+  hit. ``b(d)`` is the same density measured against the queries this worker
+  has served (its :class:`QueryBank`): a passage that sits close to many past
+  questions is a hub *for questions*, which the corpus alone cannot show
+  (QB-Norm, Bogolin et al. 2022, https://arxiv.org/abs/2112.12777). It needs
+  the candidates' vectors and a bank of at least ``query_bank_min`` queries;
+  until then only ``r(d)`` applies. This is how the retriever improves as it
+  serves: the bank fills with the traffic's own questions.
 - ``bm25``: ``(1 - w) * z(cosine) + w * z(bm25)``, BM25 (Robertson & Zaragoza
   2009, Lucene's idf) over the candidates' texts only, so it needs no corpus index.
 - ``dense``: the cosine alone.
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,6 +75,10 @@ class AdaptiveConfig:
     max_hits: int = 5  # most hits kept after the threshold
     fine: str = "hubness"  # hubness: cosine - beta * hubness; bm25: cosine blended with BM25; dense: cosine alone
     hubness_weight: float = 0.25  # beta, when fine is hubness (chosen on the dev halves, bench/adaptive_retrieval.py)
+    query_bank_weight: float = 0.5  # gamma, when fine is hubness: the weight of density among served queries
+    query_bank_k: int = 10  # nearest bank queries whose mean cosine is b(d)
+    query_bank_size: int = 2000  # most recent query vectors kept per tenant
+    query_bank_min: int = 20  # below this many banked queries, b(d) is off
     bm25_weight: float = 0.1  # w in (1 - w) * z(cosine) + w * z(bm25), when fine is bm25
     bm25_k1: float = 1.5
     bm25_b: float = 0.75
@@ -83,8 +95,8 @@ class AdaptiveConfig:
             raise ValueError(f"{self.fine} is not a valid fine signal ({', '.join(FINE_SIGNALS)})")
         if not 0.0 <= self.bm25_weight <= 1.0:
             raise ValueError("bm25_weight must be in [0, 1]")
-        if self.hubness_weight < 0.0:
-            raise ValueError("hubness_weight must be >= 0")
+        if self.hubness_weight < 0.0 or self.query_bank_weight < 0.0:
+            raise ValueError("hubness_weight and query_bank_weight must be >= 0")
 
     @classmethod
     def from_settings(cls, s: Any) -> "AdaptiveConfig":
@@ -95,6 +107,9 @@ class AdaptiveConfig:
             max_hits=getattr(s, "retriever_max_hits", d.max_hits),
             fine=getattr(s, "retriever_fine", d.fine),
             hubness_weight=getattr(s, "retriever_hubness_weight", d.hubness_weight),
+            query_bank_weight=getattr(s, "retriever_query_bank_weight", d.query_bank_weight),
+            query_bank_k=getattr(s, "retriever_query_bank_k", d.query_bank_k),
+            query_bank_size=getattr(s, "retriever_query_bank_size", d.query_bank_size),
             bm25_weight=getattr(s, "retriever_bm25_weight", d.bm25_weight),
             threshold=getattr(s, "retriever_threshold", d.threshold),
             margin=getattr(s, "retriever_margin", d.margin),
@@ -170,9 +185,17 @@ def zscore(x: np.ndarray, axis: int = -1, eps: float = 1e-6) -> np.ndarray:
     return (x - mu) / np.maximum(sd, eps)
 
 
-def hubness_corrected(dense: np.ndarray, hubness: np.ndarray, weight: float) -> np.ndarray:
-    """z(cosine - weight * hubness) over one query's candidates (CSLS with weight 1 on the document side)."""
-    return zscore(np.asarray(dense, np.float64) - weight * np.asarray(hubness, np.float64))
+def hubness_corrected(dense: np.ndarray, hubness: np.ndarray, weight: float,
+                      bank_density: np.ndarray | None = None, bank_weight: float = 0.0) -> np.ndarray:
+    """z(cosine - weight * hubness - bank_weight * bank_density) over one query's candidates.
+
+    With weight 1 and no bank this is CSLS's document side (the query side is
+    one constant per query, which no ranking sees).
+    """
+    score = np.asarray(dense, np.float64) - weight * np.asarray(hubness, np.float64)
+    if bank_density is not None and bank_weight > 0:
+        score = score - bank_weight * np.asarray(bank_density, np.float64)
+    return zscore(score)
 
 
 def blend(dense: np.ndarray, lexical: np.ndarray, weight: float) -> np.ndarray:
@@ -231,21 +254,71 @@ def is_confident(coarse: np.ndarray, confidence_z: float, min_cosine: float) -> 
 # ------------------------------------------------------------------ the retriever
 
 
+class QueryBank:
+    """The most recent query vectors a worker has served, per tenant: a ring buffer of ``size`` each.
+
+    The bank describes where questions land in the embedding space; the fine
+    stage measures each candidate's density among them (QB-Norm). It holds
+    vectors only, never text, and starts empty on every worker.
+    """
+
+    def __init__(self, size: int = 2000):
+        self.size = size
+        self._vectors: dict[str, np.ndarray] = {}  # tenant -> (size, d)
+        self._filled: dict[str, int] = {}
+        self._next: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, vectors: np.ndarray, tenants: Sequence[str]) -> None:
+        vectors = np.asarray(vectors, np.float32)
+        with self._lock:
+            for v, t in zip(vectors, tenants):
+                if t not in self._vectors:
+                    self._vectors[t] = np.zeros((self.size, len(v)), np.float32)
+                    self._filled[t] = self._next[t] = 0
+                self._vectors[t][self._next[t]] = v
+                self._next[t] = (self._next[t] + 1) % self.size
+                self._filled[t] = min(self._filled[t] + 1, self.size)
+
+    def get(self, tenant: str) -> np.ndarray:
+        """The banked query vectors of ``tenant`` (n, d), a copy; (0, 0) when none."""
+        with self._lock:
+            if tenant not in self._vectors:
+                return np.zeros((0, 0), np.float32)
+            return self._vectors[tenant][: self._filled[tenant]].copy()
+
+    def count(self, tenant: str = "") -> int:
+        with self._lock:
+            return self._filled.get(tenant, 0)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._filled.values())
+
+
 class _Store(Protocol):
-    def search(self, vectors: np.ndarray, top_k: int, *, tenant: Any = "", include_synthetic: bool = True
-               ) -> list[list[Hit]]: ...
+    def search(self, vectors: np.ndarray, top_k: int, *, tenant: Any = "", include_synthetic: bool = True,
+               with_vectors: bool = False) -> list[list[Hit]]: ...
 
 
 class AdaptiveRetriever:
     """Coarse dense top-50, fine re-score, per-query threshold, at most 5 hits.
 
     Implements the query pipeline's ``Retriever`` protocol (:meth:`retrieve`).
+    Every query it serves goes into its :class:`QueryBank` after its own
+    re-score, so a query is never measured against itself.
     """
 
-    def __init__(self, store: _Store, encoder: Any = None, config: AdaptiveConfig | None = None):
+    def __init__(self, store: _Store, encoder: Any = None, config: AdaptiveConfig | None = None,
+                 bank: QueryBank | None = None):
         self.store = store
         self.encoder = encoder  # only needed when search() is given texts without vectors
         self.config = config or AdaptiveConfig()
+        self.bank = bank if bank is not None else QueryBank(self.config.query_bank_size)
+
+    @property
+    def uses_bank(self) -> bool:
+        return self.config.fine == "hubness" and self.config.query_bank_weight > 0
 
     def coarse_stage(
         self, query_vecs: np.ndarray, k: int | None = None, *, tenants: str | Sequence[str] = "",
@@ -261,29 +334,45 @@ class AdaptiveRetriever:
         for i, key in enumerate(zip(ts, syn)):
             groups.setdefault(key, []).append(i)
         for (tenant, synth), idx in groups.items():
-            res = self.store.search(np.asarray(query_vecs)[idx], k, tenant=tenant, include_synthetic=synth)
+            res = self.store.search(np.asarray(query_vecs)[idx], k, tenant=tenant, include_synthetic=synth,
+                                    with_vectors=self.uses_bank)
             for i, hits in zip(idx, res):
                 out[i] = hits
         return out
 
+    def bank_density(self, cands: Sequence[Hit], tenant: str) -> np.ndarray | None:
+        """Each candidate's mean cosine to its nearest banked queries (C,), or None while the bank is too small."""
+        from agents.store import mean_top_similarity
+
+        cfg = self.config
+        if not self.uses_bank or self.bank.count(tenant) < cfg.query_bank_min:
+            return None
+        if any(getattr(h, "vector", None) is None for h in cands):
+            return None  # a store that cannot return vectors: the corpus hubness alone
+        vecs = np.stack([h.vector for h in cands]).astype(np.float32)  # (C, d)
+        return mean_top_similarity(vecs, self.bank.get(tenant), cfg.query_bank_k)
+
     def fine_stage(
-        self, queries: Sequence[str], query_vecs: np.ndarray, candidates: Sequence[Sequence[Hit]]
+        self, queries: Sequence[str], query_vecs: np.ndarray, candidates: Sequence[Sequence[Hit]],
+        tenants: str | Sequence[str] = "",
     ) -> list[list[RankedHit]]:
         """Re-score every candidate of every query; each list sorted by fine score, best first.
 
-        ``query_vecs`` is unused by the built-in signals (the coarse cosine and the
-        hubness come with each hit); it is part of the signature so a token-level
-        signal can plug in.
+        ``query_vecs`` is unused by the built-in signals (the coarse cosine, the
+        hubness and the candidates' vectors come with each hit); it is part of
+        the signature so a token-level signal can plug in.
         """
         cfg = self.config
+        ts = [tenants] * len(queries) if isinstance(tenants, str) else list(tenants)
         out = []
-        for q, cands in zip(queries, candidates):
+        for q, cands, tenant in zip(queries, candidates, ts):
             if not cands:
                 out.append([])
                 continue
             dense = np.array([h.score for h in cands], dtype=np.float64)
             if cfg.fine == "hubness":
-                fine = hubness_corrected(dense, [getattr(h, "hubness", 0.0) for h in cands], cfg.hubness_weight)
+                fine = hubness_corrected(dense, [getattr(h, "hubness", 0.0) for h in cands], cfg.hubness_weight,
+                                         self.bank_density(cands, tenant), cfg.query_bank_weight)
             elif cfg.fine == "bm25" and cfg.bm25_weight > 0:
                 lexical = bm25_scores(tokenize(q), [tokenize(_hit_text(h)) for h in cands], cfg.bm25_k1, cfg.bm25_b)
                 fine = blend(dense, lexical, cfg.bm25_weight)
@@ -311,22 +400,33 @@ class AdaptiveRetriever:
 
     def search(
         self, queries: Sequence[str], query_vecs: np.ndarray | None = None, *, max_keep: int | Sequence[int] | None = None,
-        tenants: str | Sequence[str] = "", include_synthetic: bool | Sequence[bool] = True,
+        tenants: str | Sequence[str] = "", include_synthetic: bool | Sequence[bool] = True, learn: bool = True,
     ) -> list[list[RankedHit]]:
-        """The three stages for a batch of queries (encoded here when no vectors are given)."""
+        """The three stages for a batch of queries (encoded here when no vectors are given).
+
+        ``learn`` banks the batch's vectors afterwards, as serving does.
+        """
         if query_vecs is None:
             if self.encoder is None:
                 raise ValueError("AdaptiveRetriever.search needs query vectors or an encoder")
             query_vecs = self.encoder.encode(list(queries))
         cands = self.coarse_stage(query_vecs, tenants=tenants, include_synthetic=include_synthetic)
-        return self.select(self.fine_stage(queries, query_vecs, cands), max_keep)
+        out = self.select(self.fine_stage(queries, query_vecs, cands, tenants), max_keep)
+        if learn and self.uses_bank:
+            self.bank.add(query_vecs, [tenants] * len(queries) if isinstance(tenants, str) else list(tenants))
+        return out
 
     def retrieve(self, texts, vectors, top_k, tenants, include_synthetic):
         """The query pipeline's Retriever protocol: ranked hits per query and stage timings (ms)."""
         t0 = time.perf_counter()
         cands = self.coarse_stage(vectors, tenants=list(tenants), include_synthetic=list(include_synthetic))
         t1 = time.perf_counter()
-        hits = self.select(self.fine_stage(texts, vectors, cands), list(top_k))
+        hits = self.select(self.fine_stage(texts, vectors, cands, list(tenants)), list(top_k))
+        if self.uses_bank:
+            from agents import metrics
+
+            self.bank.add(vectors, list(tenants))
+            metrics.QUERY_BANK.set(self.bank.total())
         t2 = time.perf_counter()
         return hits, {"search": (t1 - t0) * 1e3, "fine": (t2 - t1) * 1e3}
 
@@ -362,15 +462,16 @@ class NumpyIndex:
         self.hubness = (mean_top_similarity(self.vectors, self.vectors, hubness_k, np.arange(len(self.vectors)))
                         if hubness_k > 0 else np.zeros(len(self.vectors), np.float32))
 
-    def search(self, vectors: np.ndarray, top_k: int, *, tenant: Any = "", include_synthetic: bool = True
-               ) -> list[list[Hit]]:
+    def search(self, vectors: np.ndarray, top_k: int, *, tenant: Any = "", include_synthetic: bool = True,
+               with_vectors: bool = False) -> list[list[Hit]]:
         from agents.evaluation import top_k_cosine
 
         vectors = np.asarray(vectors, np.float32)
         top = top_k_cosine(vectors, self.vectors, top_k)  # (Q, k)
         scores = np.einsum("qd,qkd->qk", vectors, self.vectors[top])  # (Q, k)
         return [
-            [Hit(f"{self.doc_ids[d]}#0", self.doc_ids[d], 0, self.texts[d], float(s), hubness=float(self.hubness[d]))
+            [Hit(f"{self.doc_ids[d]}#0", self.doc_ids[d], 0, self.texts[d], float(s), hubness=float(self.hubness[d]),
+                 vector=self.vectors[d] if with_vectors else None)
              for d, s in zip(row, srow)]
             for row, srow in zip(top, scores)
         ]
@@ -382,6 +483,9 @@ class NumpyIndex:
 # ------------------------------------------------------------------ evaluation systems
 
 
+ONLINE_BATCH = 16  # queries per micro-batch when an evaluation replays a query set as traffic
+
+
 def adaptive_retriever_factory(config: AdaptiveConfig | None = None):
     """A factory for :class:`agents.evaluation.DenseSystem`: adaptive retrieval over an exact index."""
 
@@ -389,8 +493,14 @@ def adaptive_retriever_factory(config: AdaptiveConfig | None = None):
         retriever = AdaptiveRetriever(NumpyIndex(doc_ids, doc_vecs, doc_texts), config=config)
 
         def retrieve(query_texts: list[str], query_vecs: np.ndarray, k: int) -> list[list[str]]:
-            # the adaptive retriever decides how many to return (at most max_hits), whatever k is
-            return [[h.doc_id for h in hits] for hits in retriever.search(query_texts, query_vecs)]
+            # as served: the queries arrive in micro-batches, and each batch is re-scored against
+            # the bank of those before it (it starts empty); the adaptive retriever decides how many
+            # to return (at most max_hits), whatever k is
+            out: list[list[str]] = []
+            for s in range(0, len(query_texts), ONLINE_BATCH):
+                hits = retriever.search(query_texts[s : s + ONLINE_BATCH], query_vecs[s : s + ONLINE_BATCH])
+                out.extend([h.doc_id for h in hs] for hs in hits)
+            return out
 
         return retrieve
 

@@ -52,6 +52,7 @@ class Hit:
     tenant: str = ""
     title: str = ""
     hubness: float = 0.0  # mean cosine to the row's nearest stored neighbours (see the module docstring)
+    vector: np.ndarray | None = None  # the stored vector, when the search asked for it (with_vectors)
 
 
 @dataclass
@@ -184,7 +185,8 @@ class ExactMirror:
                 mask[r] = False
         return np.nonzero(mask)[0]
 
-    def search(self, queries: np.ndarray, top_k: int, tenant: str, include_synthetic: bool) -> list[list[Hit]]:
+    def search(self, queries: np.ndarray, top_k: int, tenant: str, include_synthetic: bool,
+               with_vectors: bool = False) -> list[list[Hit]]:
         n = self.size
         if n == 0 or tenant not in self.tenant_code:
             return [[] for _ in range(len(queries))]
@@ -204,7 +206,8 @@ class ExactMirror:
             for r in rows:
                 id_, doc_id, chunk, text, title, ten, synth = self.meta[r]
                 hits.append(Hit(id=id_, doc_id=doc_id, chunk=chunk, text=text, score=float(scores[qi, r]),
-                                synthetic=synth, tenant=ten, title=title, hubness=float(self.hubness[r])))
+                                synthetic=synth, tenant=ten, title=title, hubness=float(self.hubness[r]),
+                                vector=self.vectors[r].copy() if with_vectors else None))
             out.append(hits)
         return out
 
@@ -517,12 +520,14 @@ class VectorStore:
         return int(res.get("delete_count", len(ids))) if isinstance(res, dict) else len(ids)
 
     def search(
-        self, vectors: np.ndarray, top_k: int, *, tenant: str | Sequence[str] = "", include_synthetic: bool = True
+        self, vectors: np.ndarray, top_k: int, *, tenant: str | Sequence[str] = "", include_synthetic: bool = True,
+        with_vectors: bool = False,
     ) -> list[list[Hit]]:
         """Top-k hits for each row of ``vectors`` (one search call for the whole batch).
 
         ``tenant`` is one tenant for all rows or one per row; a query only ever
-        sees documents of its own tenant.
+        sees documents of its own tenant. ``with_vectors`` returns each hit's
+        stored vector too (the adaptive retriever's query-bank signal needs them).
         """
         n = len(vectors)
         if n == 0:
@@ -536,7 +541,7 @@ class VectorStore:
         for t, rows in groups.items():
             if self.mirror is not None:
                 with self._lock:
-                    res_hits = self.mirror.search(np.asarray(vectors)[rows], top_k, t, include_synthetic)
+                    res_hits = self.mirror.search(np.asarray(vectors)[rows], top_k, t, include_synthetic, with_vectors)
                 for i, hits in zip(rows, res_hits):
                     out[i] = hits
                 continue
@@ -549,7 +554,7 @@ class VectorStore:
                     data=[np.asarray(vectors[i], dtype=np.float32).tolist() for i in rows],
                     limit=top_k,
                     filter=expr,
-                    output_fields=self.output_fields,
+                    output_fields=self.output_fields + (["vector"] if with_vectors else []),
                 )
             for i, hits in zip(rows, res):
                 out[i] = [
@@ -563,6 +568,7 @@ class VectorStore:
                         tenant=h["entity"]["tenant"],
                         title=h["entity"]["title"],
                         hubness=float(h["entity"].get("hubness") or 0.0),
+                        vector=np.asarray(h["entity"]["vector"], np.float32) if with_vectors else None,
                     )
                     for h in hits
                 ]

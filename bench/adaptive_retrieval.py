@@ -4,7 +4,9 @@
 
 The coarse stage is an exact NumPy cosine top-50 over the original encoder's
 corpus vectors (what Milvus Lite's FLAT index returns), each hit carrying its
-hubness over the whole corpus (what a refreshed store holds). Every query set
+hubness over the whole corpus (what a refreshed store holds). Each set's
+queries are served as traffic, in order and in micro-batches of 16, so the
+query bank holds only the queries before the current batch. Every query set
 is split by query id into a dev half and a test half: the fine signal and its
 weight, then the threshold and the confidence gate, are chosen on dev (pooled
 over the sets), and the figures reported are those of the test half, so the
@@ -50,6 +52,7 @@ from agents import evaluation  # noqa: E402
 from agents.encoders import OriginalEncoder  # noqa: E402
 from agents.retriever import (  # noqa: E402
     AdaptiveConfig,
+    ONLINE_BATCH,
     AdaptiveRetriever,
     NumpyIndex,
     blend,
@@ -61,6 +64,7 @@ from agents.retriever import (  # noqa: E402
     zscore,
 )
 from agents.settings import Settings  # noqa: E402
+from agents.store import mean_top_similarity  # noqa: E402
 
 DATASETS = ["chatterbot", "foldoc", "wordnet-revdict"]
 # the unanswerable pairing: queries of the first set against the corpus of the second
@@ -83,17 +87,37 @@ def context_metrics(run: dict[str, list[str]], qrels) -> dict[str, float]:
     }
 
 
-class Prepared:
-    """One set's queries, coarse candidates, and both raw signals, computed once."""
+def stream(retriever: AdaptiveRetriever, texts: list[str], vecs: np.ndarray) -> list[list]:
+    """Serve a query set as traffic: micro-batches in order, each banked after its own re-score."""
+    out: list[list] = []
+    for s in range(0, len(texts), ONLINE_BATCH):
+        out.extend(retriever.search(texts[s : s + ONLINE_BATCH], vecs[s : s + ONLINE_BATCH]))
+    return out
 
-    def __init__(self, ds: evaluation.Dataset, doc_vecs: np.ndarray, query_vecs: np.ndarray, k: int):
+
+class Prepared:
+    """One set's queries, coarse candidates, and the raw signals, computed once.
+
+    The query bank is replayed as serving fills it: the queries arrive in the
+    set's order in micro-batches of ONLINE_BATCH, and each batch's candidates are
+    measured against the queries of the batches before it (none at first).
+    """
+
+    def __init__(self, ds: evaluation.Dataset, doc_vecs: np.ndarray, query_vecs: np.ndarray, k: int,
+                 bank_k: int, bank_min: int):
         self.ds = ds
         self.qids = list(ds.queries)
         index = NumpyIndex(ds.doc_ids, doc_vecs, ds.doc_texts)
-        self.cands = index.search(query_vecs, k)
+        self.index = index
+        self.cands = index.search(query_vecs, k, with_vectors=True)
         self.query_vecs = query_vecs
         self.dense = [np.array([h.score for h in c]) for c in self.cands]
         self.hubness = [np.array([h.hubness for h in c]) for c in self.cands]
+        self.bank: list[np.ndarray | None] = []
+        for s in range(0, len(self.qids), ONLINE_BATCH):
+            for i in range(s, min(s + ONLINE_BATCH, len(self.qids))):
+                vecs = np.stack([h.vector for h in self.cands[i]])
+                self.bank.append(mean_top_similarity(vecs, query_vecs[:s], bank_k) if s >= bank_min else None)
         self.lexical = [
             bm25_scores(tokenize(ds.queries[q]), [tokenize(h.text) for h in c]) for q, c in zip(self.qids, self.cands)
         ]
@@ -108,7 +132,8 @@ class Prepared:
                 out[self.qids[i]] = [d for d, s in zip(ids[:k], self.dense[i][:k]) if s >= min_score]
                 continue
             if cfg.fine == "hubness":
-                fine = hubness_corrected(self.dense[i], self.hubness[i], cfg.hubness_weight)
+                fine = hubness_corrected(self.dense[i], self.hubness[i], cfg.hubness_weight, self.bank[i],
+                                         cfg.query_bank_weight)
             elif cfg.fine == "bm25" and cfg.bm25_weight > 0:
                 fine = blend(self.dense[i], self.lexical[i], cfg.bm25_weight)
             else:
@@ -139,13 +164,15 @@ SERVED_TOP_K = Settings.model_fields["top_k"].default
 SERVED_MIN_SCORE = Settings.model_fields["min_score"].default
 FINE = [AdaptiveConfig(fine="dense", threshold="none")]
 FINE += [AdaptiveConfig(fine="bm25", bm25_weight=w, threshold="none") for w in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)]
-FINE += [AdaptiveConfig(fine="hubness", hubness_weight=w, threshold="none") for w in (0.25, 0.5, 0.75, 1.0)]
+FINE += [AdaptiveConfig(fine="hubness", hubness_weight=w, query_bank_weight=g, threshold="none")
+         for w in (0.0, 0.25, 0.5, 0.75) for g in (0.0, 0.25, 0.5, 0.75) if w or g]
 # confidence gates: (top z-score, absolute cosine) under both of which a query gets no context
 GATES = ((3.5, 0.4), (3.0, 0.3))
 
 
 def fine_label(cfg: AdaptiveConfig) -> str:
-    return {"dense": "dense", "bm25": f"bm25 {cfg.bm25_weight}", "hubness": f"hubness {cfg.hubness_weight}"}[cfg.fine]
+    return {"dense": "dense", "bm25": f"bm25 {cfg.bm25_weight}",
+            "hubness": f"hubness {cfg.hubness_weight}, query bank {cfg.query_bank_weight}"}[cfg.fine]
 
 
 def thresholds(base: AdaptiveConfig) -> list[AdaptiveConfig]:
@@ -190,7 +217,8 @@ def main() -> None:
         loaded[name] = (ds, vecs, qv)
         print(f"{name}: {len(ds.queries)} queries, {len(ds.doc_ids)} docs (corpus vectors {'cached' if cached else 'encoded'})",
               flush=True)
-    prepared = {n: Prepared(ds, v, q, args.coarse_k) for n, (ds, v, q) in loaded.items()}
+    d = AdaptiveConfig()
+    prepared = {n: Prepared(ds, v, q, args.coarse_k, d.query_bank_k, d.query_bank_min) for n, (ds, v, q) in loaded.items()}
     halves = {n: split(p.qids) for n, p in prepared.items()}
 
     # --- choose on dev, pooled over the sets. First the fine signal's weight, by the
@@ -249,11 +277,10 @@ def main() -> None:
         }
         pa, ps = per_query(adaptive_run, qr), per_query(served_run, qr)
         vs_served = {m: paired_bootstrap(pa[m], ps[m]) for m in ("nDCG@10", "P@5")}
-        # end to end through AdaptiveRetriever itself: must match the grid's computation
-        r = AdaptiveRetriever(NumpyIndex(p.ds.doc_ids, loaded[n][1], p.ds.doc_texts), config=chosen)
-        hits = r.search([p.ds.queries[p.qids[i]] for i in test], p.query_vecs[test])
-        systems["AdaptiveRetriever.search"] = context_metrics(
-            {p.qids[i]: [h.doc_id for h in hs] for i, hs in zip(test, hits)}, qr)
+        # end to end through AdaptiveRetriever itself, the whole set served as traffic: must match the grid
+        r = AdaptiveRetriever(p.index, config=chosen)
+        hits = stream(r, [p.ds.queries[q] for q in p.qids], p.query_vecs)
+        systems["AdaptiveRetriever.search"] = context_metrics({p.qids[i]: [h.doc_id for h in hits[i]] for i in test}, qr)
         report["datasets"][n] = {"test_queries": len(test), "corpus": len(p.ds.doc_ids), "systems": systems,
                                  "adaptive_minus_served_top5": vs_served}
         for sname, m in systems.items():
@@ -265,9 +292,10 @@ def main() -> None:
             continue
         ds_q, _, qv = loaded[qset]
         ds_c, cv, _ = loaded[cset]
-        r = AdaptiveRetriever(NumpyIndex(ds_c.doc_ids, cv, ds_c.doc_texts), config=chosen)
+        r = AdaptiveRetriever(prepared[cset].index, config=chosen)
         test = halves[qset][1]
-        hits = r.search([ds_q.queries[prepared[qset].qids[i]] for i in test], qv[test])
+        served = stream(r, [ds_q.queries[q] for q in prepared[qset].qids], qv)
+        hits = [served[i] for i in test]
         answerable = report["datasets"][qset]["systems"]["adaptive (fine + threshold)"]["no_context_rate"]
         report["unanswerable"][f"{qset} queries -> {cset} corpus"] = {
             "no_context_rate": float(np.mean([not h for h in hits])),

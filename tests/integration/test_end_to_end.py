@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from agents.client import AsyncClient
+from agents.retriever import AdaptiveConfig
 from agents.ingest_files import iter_documents
 from agents.schemas import DeadLetter, Document, Query, encode
 from tests.conftest import read_topic, run
@@ -81,8 +82,10 @@ def test_questions_are_answered_with_their_sources(serving):
 
 def test_the_adaptive_retriever_answers_through_the_worker(make_settings, make_worker):
     """The same corpus and questions with HYBRIDRAG_RETRIEVER=adaptive: the store hands each hit
-    its hubness, the fine stage re-ranks, and every question still cites its passage, with at most
-    max_hits sources. A string that resembles no passage gets no confident context."""
+    its hubness and vector, the fine stage re-ranks, and every question still cites its passage,
+    with at most max_hits sources, in every round (by the last, the worker's query bank holds at
+    least query_bank_min questions and its density term is on). A string that resembles
+    no passage gets no confident context."""
     settings = make_settings(retriever="adaptive")
     worker = make_worker(settings)
     docs = demo_docs()
@@ -93,14 +96,22 @@ def test_the_adaptive_retriever_answers_through_the_worker(make_settings, make_w
 
     async def ask():
         async with AsyncClient(settings) as c:
-            return await c.ask_many([q["question"] for q in qs] + [nonsense], timeout_s=60)
+            rounds = [await c.ask_many([q["question"] for q in qs], timeout_s=60) for _ in range(n_rounds)]
+            return rounds, await c.ask_many([nonsense], timeout_s=60)
 
-    *answers, lost = run(ask())
-    for q, a in zip(qs, answers):
-        assert a.confident and 1 <= len(a.sources) <= settings.retriever_max_hits, q
-        assert q["expected_doc_id"] in [s.doc_id for s in a.sources], (q, [s.doc_id for s in a.sources])
+    n_rounds = AdaptiveConfig().query_bank_min // len(qs) + 2
+    rounds, (lost,) = run(ask())
+    for answers in rounds:
+        for q, a in zip(qs, answers):
+            assert a.confident and 1 <= len(a.sources) <= settings.retriever_max_hits, q
+            assert q["expected_doc_id"] in [s.doc_id for s in a.sources], (q, [s.doc_id for s in a.sources])
     assert not lost.confident and not lost.sources
     assert lost.answer.startswith("No confident context")
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics") as r:
+        prom = r.read().decode()
+    assert f"hybridrag_query_bank_queries {float(n_rounds * len(qs) + 1)}" in prom  # every query served, banked
 
 
 def test_bad_records_go_to_the_dlq_and_the_worker_keeps_answering(serving):

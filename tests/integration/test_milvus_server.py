@@ -84,6 +84,8 @@ def test_hubness_on_a_milvus_server_matches_the_exact_value(milvus_server):
         exact = float(mean_top_similarity(x[i : i + 1], np.delete(x, i, axis=0), 5)[0])
         assert stored[f"d{i}#0"] == pytest.approx(exact, abs=1e-4)
     (hit,) = s.search(x[:1], 1)[0]
-    assert hit.id == "d0#0" and hit.hubness == pytest.approx(stored["d0#0"], abs=1e-6)
+    assert hit.id == "d0#0" and hit.hubness == pytest.approx(stored["d0#0"], abs=1e-6) and hit.vector is None
+    (hit,) = s.search(x[:1], 1, with_vectors=True)[0]  # what the query bank's density needs
+    assert np.allclose(hit.vector, x[0], atol=1e-6)
     s.drop()
     s.close()

@@ -74,6 +74,7 @@ def test_hubness_is_exact_after_the_refresh_and_survives_a_reopen(store, tmp_pat
     assert stored == pytest.approx(expected, abs=1e-5)
     hits = s.search(x[7:8], 1, tenant="a")[0]
     assert hits[0].hubness == pytest.approx(exact_hubness(x, tenant_of, synthetic_of, 7), abs=1e-5)
+    assert hits[0].vector is None and np.allclose(s.search(x[7:8], 1, tenant="a", with_vectors=True)[0][0].vector, x[7])
     s.close()
     again = VectorStore(str(tmp_path / "s.db"), "c", "v1", 16)
     assert again.hubness_rows == 300

@@ -11,6 +11,7 @@ from agents.retriever import (
     AdaptiveConfig,
     AdaptiveRetriever,
     NumpyIndex,
+    QueryBank,
     RankedHit,
     blend,
     bm25_scores,
@@ -144,7 +145,7 @@ class TenantIndex:
         self.docs = docs
         self.calls: list[tuple[int, str, bool]] = []
 
-    def search(self, vectors, top_k, *, tenant="", include_synthetic=True):
+    def search(self, vectors, top_k, *, tenant="", include_synthetic=True, with_vectors=False):
         self.calls.append((len(vectors), tenant, include_synthetic))
         ids = [d for d, (t, _) in self.docs.items() if t == tenant]
         mat = np.stack([self.docs[d][1] for d in ids])
@@ -152,7 +153,8 @@ class TenantIndex:
         for v in vectors:
             s = mat @ v
             order = np.argsort(-s)[:top_k]
-            out.append([Hit(f"{ids[i]}#0", ids[i], 0, TEXTS.get(ids[i], ids[i]), float(s[i]), tenant=tenant) for i in order])
+            out.append([Hit(f"{ids[i]}#0", ids[i], 0, TEXTS.get(ids[i], ids[i]), float(s[i]), tenant=tenant,
+                            vector=mat[i] if with_vectors else None) for i in order])
         return out
 
 
@@ -227,3 +229,39 @@ def test_served_top_k_returns_what_the_service_cites():
     q = unit([1.0, 0.5, 0.1, 0.0, 0.0, 0.0])[None]
     retrieve = served_top_k_factory(top_k=3, min_score=0.2)([f"d{i}" for i in range(6)], vecs, ["t"] * 6)
     assert retrieve(["q"], q, 100) == [["d0", "d1"]]  # d2's cosine is 0.09
+
+
+def test_query_bank_is_a_ring_per_tenant():
+    bank = QueryBank(size=3)
+    assert bank.count("a") == 0 and bank.get("a").shape == (0, 0)
+    bank.add(np.arange(8, dtype=np.float32).reshape(4, 2), ["a", "a", "b", "a"])
+    assert bank.count("a") == 3 and bank.count("b") == 1
+    bank.add(np.array([[9, 9]], np.float32), ["a"])  # overwrites the oldest of a
+    assert sorted(map(tuple, bank.get("a").tolist())) == [(2, 3), (6, 7), (9, 9)]
+
+
+def test_served_queries_demote_a_passage_that_sits_near_all_of_them():
+    """Two passages tie on cosine and on corpus hubness. One lies near every question served so far
+    (a hub for questions); once the bank holds enough queries, the other ranks first. The batch
+    being served is banked only after its own re-score."""
+    rng = np.random.default_rng(5)
+    past = np.stack([unit(rng.normal(size=16) * 0.3 + np.eye(16)[0]) for _ in range(30)])  # questions about axis 0
+    hub = unit(np.eye(16)[0] + np.eye(16)[1])  # near all of them
+    answer = unit(np.eye(16)[1] + np.eye(16)[2])
+    q = unit(np.eye(16)[1] + 0.5 * np.eye(16)[0] + 0.5 * np.eye(16)[2])
+    cands = [[Hit("hub#0", "hub", 0, "hub", float(q @ hub), vector=hub), Hit("answer#0", "answer", 0, "a", float(q @ answer), vector=answer),
+              Hit("far#0", "far", 0, "far", 0.0, vector=unit(np.eye(16)[5]))]]
+    assert cands[0][0].score == pytest.approx(cands[0][1].score)
+    r = AdaptiveRetriever(store=None, config=AdaptiveConfig(fine="hubness", query_bank_weight=0.5, query_bank_min=20))
+    r.bank.add(past[:10], [""] * 10)  # too few: the bank term is off and the store's order stands
+    assert [h.doc_id for h in r.fine_stage(["q"], q[None], cands)[0]][:2] == ["hub", "answer"]
+    r.bank.add(past[10:], [""] * 20)
+    assert [h.doc_id for h in r.fine_stage(["q"], q[None], cands)[0]][:2] == ["answer", "hub"]
+    # another tenant's bank is empty
+    assert [h.doc_id for h in r.fine_stage(["q"], q[None], cands, tenants="other")[0]][:2] == ["hub", "answer"]
+    # retrieve() re-scores first, then banks the batch
+    store = TenantIndex({"hub": ("", hub), "answer": ("", answer)})
+    r2 = AdaptiveRetriever(store, config=AdaptiveConfig(fine="hubness", threshold="none", min_cosine=0.0))
+    r2.retrieve(["q"], q[None], [5], [""], [True])
+    assert r2.bank.count("") == 1
+    assert AdaptiveRetriever(store, config=AdaptiveConfig(fine="dense")).uses_bank is False
