@@ -77,7 +77,7 @@ class AdaptiveConfig:
     hubness_weight: float = 0.25  # beta, when fine is hubness (chosen on the dev halves, bench/adaptive_retrieval.py)
     query_bank_weight: float = 0.5  # gamma, when fine is hubness: the weight of density among served queries
     query_bank_k: int = 10  # nearest bank queries whose mean cosine is b(d)
-    query_bank_size: int = 2000  # most recent query vectors kept per tenant
+    query_bank_size: int = 1000  # most recent query vectors kept per tenant (the bench measured banks of up to 999)
     query_bank_min: int = 20  # below this many banked queries, b(d) is off
     bm25_weight: float = 0.1  # w in (1 - w) * z(cosine) + w * z(bm25), when fine is bm25
     bm25_k1: float = 1.5
@@ -262,7 +262,7 @@ class QueryBank:
     vectors only, never text, and starts empty on every worker.
     """
 
-    def __init__(self, size: int = 2000):
+    def __init__(self, size: int = 1000):
         self.size = size
         self._vectors: dict[str, np.ndarray] = {}  # tenant -> (size, d)
         self._filled: dict[str, int] = {}
@@ -340,17 +340,33 @@ class AdaptiveRetriever:
                 out[i] = hits
         return out
 
-    def bank_density(self, cands: Sequence[Hit], tenant: str) -> np.ndarray | None:
-        """Each candidate's mean cosine to its nearest banked queries (C,), or None while the bank is too small."""
+    def bank_densities(self, candidates: Sequence[Sequence[Hit]], tenants: Sequence[str]) -> list[np.ndarray | None]:
+        """Each query's candidates' mean cosine to their nearest banked queries, (C,) per query.
+
+        One matrix product per tenant for the whole batch. None for a query whose
+        tenant has banked fewer than ``query_bank_min`` queries, or whose store
+        returned no vectors (the corpus hubness alone applies there).
+        """
         from agents.store import mean_top_similarity
 
         cfg = self.config
-        if not self.uses_bank or self.bank.count(tenant) < cfg.query_bank_min:
-            return None
-        if any(getattr(h, "vector", None) is None for h in cands):
-            return None  # a store that cannot return vectors: the corpus hubness alone
-        vecs = np.stack([h.vector for h in cands]).astype(np.float32)  # (C, d)
-        return mean_top_similarity(vecs, self.bank.get(tenant), cfg.query_bank_k)
+        out: list[np.ndarray | None] = [None] * len(candidates)
+        if not self.uses_bank:
+            return out
+        by_tenant: dict[str, list[int]] = {}
+        for i, (cands, t) in enumerate(zip(candidates, tenants)):
+            if cands and all(getattr(h, "vector", None) is not None for h in cands):
+                by_tenant.setdefault(t, []).append(i)
+        for t, idx in by_tenant.items():
+            if self.bank.count(t) < cfg.query_bank_min:
+                continue
+            vecs = np.stack([h.vector for i in idx for h in candidates[i]]).astype(np.float32)  # (sum C, d)
+            dens = mean_top_similarity(vecs, self.bank.get(t), cfg.query_bank_k)
+            at = 0
+            for i in idx:
+                out[i] = dens[at : at + len(candidates[i])]
+                at += len(candidates[i])
+        return out
 
     def fine_stage(
         self, queries: Sequence[str], query_vecs: np.ndarray, candidates: Sequence[Sequence[Hit]],
@@ -364,15 +380,16 @@ class AdaptiveRetriever:
         """
         cfg = self.config
         ts = [tenants] * len(queries) if isinstance(tenants, str) else list(tenants)
+        banked = self.bank_densities(candidates, ts)
         out = []
-        for q, cands, tenant in zip(queries, candidates, ts):
+        for q, cands, density in zip(queries, candidates, banked):
             if not cands:
                 out.append([])
                 continue
             dense = np.array([h.score for h in cands], dtype=np.float64)
             if cfg.fine == "hubness":
                 fine = hubness_corrected(dense, [getattr(h, "hubness", 0.0) for h in cands], cfg.hubness_weight,
-                                         self.bank_density(cands, tenant), cfg.query_bank_weight)
+                                         density, cfg.query_bank_weight)
             elif cfg.fine == "bm25" and cfg.bm25_weight > 0:
                 lexical = bm25_scores(tokenize(q), [tokenize(_hit_text(h)) for h in cands], cfg.bm25_k1, cfg.bm25_b)
                 fine = blend(dense, lexical, cfg.bm25_weight)

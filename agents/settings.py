@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     retriever_query_bank_weight: float = _f(
         0.5, "Adaptive: gamma in the hubness signal, the weight of a passage's density among the queries served.")
     retriever_query_bank_k: int = _f(10, "Adaptive: nearest served queries whose mean cosine is that density.")
-    retriever_query_bank_size: int = _f(2000, "Adaptive: most recent query vectors each worker keeps per tenant.")
+    retriever_query_bank_size: int = _f(1000, "Adaptive: most recent query vectors each worker keeps per tenant.")
     retriever_bm25_weight: float = _f(0.1, "Adaptive: weight of BM25 in the fine blend of z-scores.")
     retriever_threshold: Literal["margin", "zscore", "gap", "none"] = _f("margin", "Adaptive: the per-query threshold rule.")
     retriever_margin: float = _f(3.0, "Adaptive: margin rule keeps fine >= top - margin * std of this query's scores.")
