@@ -370,11 +370,21 @@ class VectorStore:
                 for r, d in zip(rows, data):
                     self.mirror.put(r.id, np.asarray(r.vector, np.float32), r.doc_id, r.chunk, d["text"], d["title"],
                                     r.tenant, bool(r.synthetic), float(r.hubness))
-        if self.has_hubness and self.hubness_k > 0 and self.hubness_refresh_growth > 0:
-            n = self.count()
-            if n >= max(HUBNESS_MIN_ROWS, self.hubness_refresh_growth * self.hubness_rows) or n < HUBNESS_MIN_ROWS:
-                self.refresh_hubness()
+        if self.has_hubness and self.hubness_k > 0 and self.hubness_refresh_growth > 0 and self._refresh_due():
+            self.refresh_hubness()
         return len(data)
+
+    def _refresh_due(self) -> bool:
+        """The collection has grown by ``hubness_refresh_growth`` since the last refresh (or is still tiny)."""
+        n = self.count()
+        if n < HUBNESS_MIN_ROWS:
+            return True
+        if n >= self.hubness_refresh_growth * self.hubness_rows and self.mirror is None:
+            # on a server other workers write and refresh too: the collection's property has the last refresh
+            with self._lock:
+                props = self.client.describe_collection(self.name).get("properties", {}) or {}
+            self.hubness_rows = max(self.hubness_rows, int(props.get("hybridrag.hubness_rows", 0)))
+        return n >= self.hubness_refresh_growth * self.hubness_rows
 
     # ------------------------------------------------------------------ hubness
 
