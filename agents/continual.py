@@ -726,18 +726,38 @@ def ndcg_of(encoder, queries: Sequence[str], query_ids: Sequence[str], qrels, do
     return float(ndcg_per_query(encoder, queries, query_ids, qrels, doc_ids, doc_texts, k).mean())
 
 
-def canary_score(checkpoint: str | Path | None, cfg: LearnerConfig, quantize: bool = True) -> float:
-    """nDCG@10 of ``checkpoint`` on the canary set, as it would serve (INT8 by default)."""
+def canary_per_query(checkpoint: str | Path | None, cfg: LearnerConfig, quantize: bool = True) -> np.ndarray:
+    """nDCG@10 (Q,) of ``checkpoint`` on each canary query, as it would serve (INT8 by default)."""
     from models.hybrid_encoder import HybridEncoderRuntime
 
     c = canary_set(cfg.canary_dataset, cfg.canary_queries, cfg.canary_distractors)
     enc = HybridEncoderRuntime.load(str(checkpoint) if checkpoint else None, device=cfg.device, quantize=quantize)
-    return ndcg_of(enc, c.queries, c.query_ids, c.qrels, c.doc_ids, c.doc_texts)
+    return ndcg_per_query(enc, c.queries, c.query_ids, c.qrels, c.doc_ids, c.doc_texts)
+
+
+def canary_score(checkpoint: str | Path | None, cfg: LearnerConfig, quantize: bool = True) -> float:
+    """Mean nDCG@10 of ``checkpoint`` on the canary set."""
+    return float(canary_per_query(checkpoint, cfg, quantize).mean())
 
 
 def should_promote(new_score: float, base_score: float, tolerance: float) -> bool:
     """Promote iff the new version loses at most ``tolerance`` of the canary score."""
     return new_score >= base_score - tolerance
+
+
+def paired_interval(new: np.ndarray, base: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval of mean(new - base) over the same queries (Efron & Tibshirani 1993).
+
+    Reported with every canary decision, so a rejection (or a promotion) can be
+    told apart from the canary's own noise; the decision itself stays
+    :func:`should_promote` on the means.
+    """
+    d = np.asarray(new, np.float64) - np.asarray(base, np.float64)
+    if len(d) == 0:
+        return 0.0, 0.0
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------- one update
@@ -773,23 +793,27 @@ class UpdateResult:
 
 
 def run_update(base_checkpoint: str | Path | None, examples: Sequence[Example], replay: Replay | None,
-               cfg: LearnerConfig, out_dir: str | Path | None = None, base_score: float | None = None,
+               cfg: LearnerConfig, out_dir: str | Path | None = None, base_scores: np.ndarray | None = None,
                progress: bool = False) -> UpdateResult:
     """Fine-tune, score both versions on the canary, and decide. ``replay=None`` replays the base corpus.
 
-    ``base_score``, when known (the same base and canary), saves one canary run.
+    ``base_scores``, the base's per-query canary nDCG@10 when known (the same
+    base and canary), saves one canary run.
     """
     t0 = time.monotonic()
     if replay is None and cfg.replay_fraction > 0:
         replay = corpus_replay(cfg.replay_pool, cfg.seed)
     ft = fine_tune(base_checkpoint, examples, replay, cfg, out_dir, progress=progress)
-    base = canary_score(base_checkpoint, cfg) if base_score is None else base_score
-    new = canary_score(ft.checkpoint, cfg)
+    base_q = canary_per_query(base_checkpoint, cfg) if base_scores is None else np.asarray(base_scores)
+    new_q = canary_per_query(ft.checkpoint, cfg)
+    base, new = float(base_q.mean()), float(new_q.mean())
+    lo, hi = paired_interval(new_q, base_q)
     changed = ft.version != ft.base_version
     promoted = changed and should_promote(new, base, cfg.canary_tolerance)
     seconds = time.monotonic() - t0
     metrics = {
-        "canary_base": base, "canary_new": new, "canary_delta": new - base, "canary_tolerance": cfg.canary_tolerance,
+        "canary_base": base, "canary_new": new, "canary_delta": new - base, "canary_delta_lo": lo,
+        "canary_delta_hi": hi, "canary_tolerance": cfg.canary_tolerance,
         "canary_queries": float(cfg.canary_queries), "steps": float(ft.steps), "loss_first": ft.loss_first,
         "loss_last": ft.loss_last, "examples": float(ft.examples), "pairs": float(ft.pairs),
         "replayed": float(ft.replay_texts + ft.replay_pairs), "replay_fraction": cfg.replay_fraction,
@@ -799,7 +823,8 @@ def run_update(base_checkpoint: str | Path | None, examples: Sequence[Example], 
     verdict = ("promoted" if promoted else
                "rejected: the weights did not change" if not changed else
                f"rejected: canary lost {base - new:.4f} > tolerance {cfg.canary_tolerance}")
-    detail = (f"{verdict}; {cfg.canary_dataset} nDCG@10 {base:.4f} -> {new:.4f} on {cfg.canary_queries} queries; "
+    detail = (f"{verdict}; {cfg.canary_dataset} nDCG@10 {base:.4f} -> {new:.4f} on {cfg.canary_queries} queries "
+              f"(paired 95% interval of the change [{lo:+.4f}, {hi:+.4f}]); "
               f"{ft.steps} steps on {ft.examples} examples ({ft.pairs} pairs), replay {ft.replay_source}; "
               f"parent {ft.base_version}")
     return UpdateResult(promoted, ft.base_version, ft.version, ft.checkpoint, metrics, detail, seconds)

@@ -71,6 +71,7 @@ from agents import corpora  # noqa: E402
 from agents.continual import (  # noqa: E402
     LearnerConfig,
     TrainingBuffer,
+    canary_per_query,
     canary_set,
     gather_replay,
     ndcg_per_query,
@@ -288,7 +289,7 @@ def main() -> None:
             lap("score_teacher", t)
         print(f"base: new {per_query['base']['new'].mean():.4f} old {per_query['base']['old'].mean():.4f}", flush=True)
 
-        base_canary = None
+        base_canary = canary_per_query(str(DEFAULT_CHECKPOINT), cfg)  # the same base and canary for every arm
         updates = {}
         pair_examples = [e for e in examples if e.is_pair]
         for arm in [a for a in args.arms.split(",") if a]:
@@ -308,8 +309,7 @@ def main() -> None:
                 print(f"{arm}: no examples, skipped", flush=True)
                 continue
             result = run_update(str(DEFAULT_CHECKPOINT), arm_examples, arm_replay, arm_cfg, out_dir=work,
-                                base_score=base_canary)
-            base_canary = result.metrics["canary_base"]
+                                base_scores=base_canary)
             enc = HybridEncoderRuntime.load(result.checkpoint)
             per_query[arm] = {"new": score(enc, new_test), "old": score(enc, old_test)}
             updates[arm] = {"version": result.new_version, "replay_target": arm_cfg.replay_target, "promoted": result.promoted, "detail": result.detail,

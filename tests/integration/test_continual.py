@@ -167,6 +167,8 @@ def test_an_update_in_a_subprocess_writes_a_new_loadable_version(small_cfg, redi
     assert m["examples"] == 50 and m["pairs"] == 25 and m["steps"] == 3 and m["replayed"] == 4
     assert m["recent_documents"] == 1
     assert result.promoted == should_promote(m["canary_new"], m["canary_base"], small_cfg.canary_tolerance)
+    assert m["canary_delta_lo"] - 1e-9 <= m["canary_delta"] <= m["canary_delta_hi"] + 1e-9  # the paired interval brackets it
+    assert "paired 95% interval" in result.detail
     msg = result.to_retention_update()
     assert decode(RetentionUpdate, encode(msg), max_bytes=1 << 20) == msg
     assert msg.kind == ("encoder-promoted" if result.promoted else "encoder-rejected")

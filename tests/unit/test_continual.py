@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,3 +174,18 @@ def test_replay_round_trips_through_the_job_file_form():
     assert Replay.from_dict(r.as_dict()) == r
     assert Replay.from_dict(None) is None
     assert Example("g1", "q1", "q", "t").is_pair and not Example("query:q1", "q1", "q").is_pair
+
+
+def test_paired_interval_brackets_the_mean_change_and_narrows_with_agreement():
+    """The canary's 95% interval of the mean change: it contains the observed mean, it is tight when every
+    query moves alike, and it spans zero when the changes are symmetric noise."""
+    from agents.continual import paired_interval
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 1, 200)
+    lo, hi = paired_interval(base - 0.02, base)
+    assert lo == pytest.approx(-0.02) and hi == pytest.approx(-0.02)  # every query lost exactly 0.02
+    noise = rng.choice([-0.1, 0.1], 200)
+    lo, hi = paired_interval(base + noise, base)
+    assert lo < float(noise.mean()) < hi and lo < 0 < hi
+    assert paired_interval(np.array([]), np.array([])) == (0.0, 0.0)
