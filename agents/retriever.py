@@ -1,7 +1,7 @@
 """Adaptive retrieval: a coarse dense search, a finer re-score, a threshold set by each query.
 
     query vectors ─▶ coarse_stage: top 50 by cosine from the vector store
-                  ─▶ fine_stage:   re-score the 50: cosine less each candidate's hubness
+                  ─▶ fine_stage:   re-score the 50: cosine less each candidate's hubness (corpus and served queries)
                   ─▶ select:       keep at most 5 that pass this query's own threshold
 
 **Fine signal.** Three are built in, each z-normalised over the query's
@@ -26,8 +26,9 @@ candidates so they share one scale without a constant per corpus:
 - ``dense``: the cosine alone.
 
 Measured on the held-out BEIR sets (``bench/adaptive_retrieval.py``, figures in
-bench/results/adaptive.json, beta chosen on the dev half): the hubness
-correction raises the fine ranking's nDCG@10 on all three sets; BM25 over the
+bench/results/adaptive.json, beta and gamma chosen on the dev half, each set
+replayed as traffic): both corrections raise the fine ranking's nDCG@10 on all
+three sets, the query bank most on foldoc; BM25 over the
 50 candidates lifts foldoc slightly and lowers chatterbot and wordnet-revdict,
 whose queries share few words with their answers by construction. Also tried
 and not kept: MiniLM token-level late interaction (mixed, and a 50-document
@@ -48,7 +49,8 @@ own candidates (top z-score under ``confidence_z``) nor reaches the absolute
 confident context instead of inventing one.
 
 Everything is batched: one store call per distinct tenant filter for a
-micro-batch of queries, and NumPy over (queries, candidates) arrays.
+micro-batch of queries, one matrix product per tenant against the query bank,
+and NumPy over (queries, candidates) arrays.
 """
 
 from __future__ import annotations
