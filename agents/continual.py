@@ -745,19 +745,17 @@ def should_promote(new_score: float, base_score: float, tolerance: float) -> boo
     return new_score >= base_score - tolerance
 
 
-def paired_interval(new: np.ndarray, base: np.ndarray, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% paired bootstrap interval of mean(new - base) over the same queries (Efron & Tibshirani 1993).
+def paired_interval(new: np.ndarray, base: np.ndarray) -> tuple[float, float]:
+    """95% paired bootstrap interval of the canary's mean per-query change, new - base.
 
     Reported with every canary decision, so a rejection (or a promotion) can be
     told apart from the canary's own noise; the decision itself stays
     :func:`should_promote` on the means.
     """
-    d = np.asarray(new, np.float64) - np.asarray(base, np.float64)
-    if len(d) == 0:
-        return 0.0, 0.0
-    means = d[np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
+    from agents.evaluation import paired_bootstrap
+
+    _, lo, hi = paired_bootstrap(new, base)
+    return lo, hi
 
 
 # ----------------------------------------------------------------------------- one update

@@ -76,6 +76,21 @@ def precision_at_k(ranked: Sequence[str], rels: Mapping[str, int], k: int) -> fl
     return sum(1 for d in ranked[:k] if rels.get(d, 0) > 0) / k
 
 
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], resamples: int = 2000, seed: int = 0
+                     ) -> tuple[float, float, float]:
+    """Mean of a - b over the same queries, and its 95% percentile bootstrap interval (Efron & Tibshirani 1993).
+
+    Resampling the queries keeps each query's pair together, so the interval
+    reflects how consistently one side beats the other. (0, 0, 0) when empty.
+    """
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if len(d) == 0:
+        return 0.0, 0.0, 0.0
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
 def evaluate_run(run: Run, qrels: Qrels) -> dict[str, float]:
     """Mean of every metric over the judged queries; an unranked query scores 0."""
     per_query = {

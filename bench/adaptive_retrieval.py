@@ -185,15 +185,6 @@ def thresholds(base: AdaptiveConfig) -> list[AdaptiveConfig]:
     return cfgs
 
 
-def paired_bootstrap(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Mean of a - b over queries, with a 95% percentile interval from resampling the queries."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n, len(d)))].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi)}
-
-
 def per_query(run: dict[str, list[str]], qrels) -> dict[str, list[float]]:
     qs = [q for q in qrels if any(g > 0 for g in qrels[q].values())]
     return {"nDCG@10": [evaluation.ndcg_at_k(run.get(q, []), qrels[q], 10) for q in qs],
@@ -276,7 +267,8 @@ def main() -> None:
             "adaptive, cosine only": context_metrics(p.run(replace(chosen, fine="dense"), test), qr),
         }
         pa, ps = per_query(adaptive_run, qr), per_query(served_run, qr)
-        vs_served = {m: paired_bootstrap(pa[m], ps[m]) for m in ("nDCG@10", "P@5")}
+        vs_served = {m: dict(zip(("mean", "lo", "hi"), evaluation.paired_bootstrap(pa[m], ps[m])))
+                     for m in ("nDCG@10", "P@5")}
         # end to end through AdaptiveRetriever itself, the whole set served as traffic: must match the grid
         r = AdaptiveRetriever(p.index, config=chosen)
         hits = stream(r, [p.ds.queries[q] for q in p.qids], p.query_vecs)
