@@ -329,8 +329,7 @@ class AdaptiveRetriever:
         """Top-``k`` by cosine for each query vector: one store call per distinct (tenant, synthetic) filter."""
         k = k or self.config.coarse_k
         n = len(query_vecs)
-        ts = [tenants] * n if isinstance(tenants, str) else list(tenants)
-        syn = [include_synthetic] * n if isinstance(include_synthetic, bool) else list(include_synthetic)
+        ts, syn = _per_query(tenants, n), _per_query(include_synthetic, n)
         out: list[list[Hit]] = [[] for _ in range(n)]
         groups: dict[tuple[str, bool], list[int]] = {}
         for i, key in enumerate(zip(ts, syn)):
@@ -381,8 +380,7 @@ class AdaptiveRetriever:
         the signature so a token-level signal can plug in.
         """
         cfg = self.config
-        ts = [tenants] * len(queries) if isinstance(tenants, str) else list(tenants)
-        banked = self.bank_densities(candidates, ts)
+        banked = self.bank_densities(candidates, _per_query(tenants, len(queries)))
         out = []
         for q, cands, density in zip(queries, candidates, banked):
             if not cands:
@@ -431,9 +429,18 @@ class AdaptiveRetriever:
             query_vecs = self.encoder.encode(list(queries))
         cands = self.coarse_stage(query_vecs, tenants=tenants, include_synthetic=include_synthetic)
         out = self.select(self.fine_stage(queries, query_vecs, cands, tenants), max_keep)
-        if learn and self.uses_bank:
-            self.bank.add(query_vecs, [tenants] * len(queries) if isinstance(tenants, str) else list(tenants))
+        if learn:
+            self.learn(query_vecs, _per_query(tenants, len(queries)))
         return out
+
+    def learn(self, query_vecs: np.ndarray, tenants: Sequence[str]) -> None:
+        """Bank a batch of served queries (after their own re-score), when the fine signal uses the bank."""
+        if not self.uses_bank:
+            return
+        from agents import metrics
+
+        self.bank.add(query_vecs, tenants)
+        metrics.QUERY_BANK.set(self.bank.total())
 
     def retrieve(self, texts, vectors, top_k, tenants, include_synthetic):
         """The query pipeline's Retriever protocol: ranked hits per query and stage timings (ms)."""
@@ -441,13 +448,14 @@ class AdaptiveRetriever:
         cands = self.coarse_stage(vectors, tenants=list(tenants), include_synthetic=list(include_synthetic))
         t1 = time.perf_counter()
         hits = self.select(self.fine_stage(texts, vectors, cands, list(tenants)), list(top_k))
-        if self.uses_bank:
-            from agents import metrics
-
-            self.bank.add(vectors, list(tenants))
-            metrics.QUERY_BANK.set(self.bank.total())
+        self.learn(vectors, list(tenants))
         t2 = time.perf_counter()
         return hits, {"search": (t1 - t0) * 1e3, "fine": (t2 - t1) * 1e3}
+
+
+def _per_query(value, n: int) -> list:
+    """One value for every query of a batch, or the per-query sequence as a list."""
+    return [value] * n if isinstance(value, (str, bool)) else list(value)
 
 
 def _hit_text(h: Hit) -> str:
@@ -505,6 +513,14 @@ class NumpyIndex:
 ONLINE_BATCH = 16  # queries per micro-batch when an evaluation replays a query set as traffic
 
 
+def serve_as_traffic(retriever: AdaptiveRetriever, texts: Sequence[str], vecs: np.ndarray) -> list[list[RankedHit]]:
+    """Replay a query set as served: micro-batches in order, each banked after its own re-score."""
+    out: list[list[RankedHit]] = []
+    for s in range(0, len(texts), ONLINE_BATCH):
+        out.extend(retriever.search(texts[s : s + ONLINE_BATCH], vecs[s : s + ONLINE_BATCH]))
+    return out
+
+
 def adaptive_retriever_factory(config: AdaptiveConfig | None = None):
     """A factory for :class:`agents.evaluation.DenseSystem`: adaptive retrieval over an exact index."""
 
@@ -512,14 +528,9 @@ def adaptive_retriever_factory(config: AdaptiveConfig | None = None):
         retriever = AdaptiveRetriever(NumpyIndex(doc_ids, doc_vecs, doc_texts), config=config)
 
         def retrieve(query_texts: list[str], query_vecs: np.ndarray, k: int) -> list[list[str]]:
-            # as served: the queries arrive in micro-batches, and each batch is re-scored against
-            # the bank of those before it (it starts empty); the adaptive retriever decides how many
+            # as served, with a bank that starts empty; the adaptive retriever decides how many
             # to return (at most max_hits), whatever k is
-            out: list[list[str]] = []
-            for s in range(0, len(query_texts), ONLINE_BATCH):
-                hits = retriever.search(query_texts[s : s + ONLINE_BATCH], query_vecs[s : s + ONLINE_BATCH])
-                out.extend([h.doc_id for h in hs] for hs in hits)
-            return out
+            return [[h.doc_id for h in hs] for hs in serve_as_traffic(retriever, query_texts, query_vecs)]
 
         return retrieve
 

@@ -65,7 +65,17 @@ class Row:
     title: str = ""
     tenant: str = ""
     synthetic: bool = False
-    hubness: float = 0.0  # set by VectorStore.upsert
+
+
+def mean_of_top(sims: np.ndarray, k: int) -> np.ndarray:
+    """Mean of each row's ``k`` largest finite values; -inf marks a slot that is not a neighbour. (N, M) -> (N,)."""
+    out = np.zeros(len(sims), np.float32)
+    kk = min(k, sims.shape[1])
+    if kk == 0:
+        return out
+    top = np.partition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]
+    finite = np.isfinite(top)
+    return (np.where(finite, top, 0.0).sum(1) / np.maximum(finite.sum(1), 1)).astype(np.float32)
 
 
 def mean_top_similarity(vectors: np.ndarray, pool: np.ndarray, k: int, exclude: np.ndarray | None = None,
@@ -344,9 +354,8 @@ class VectorStore:
         """Write rows (by id: a replay changes nothing), with their hubness estimated from the stored rows."""
         if not rows:
             return 0
-        if self.has_hubness and self.hubness_k > 0:
-            for r, h in zip(rows, self.estimate_hubness(rows)):
-                r.hubness = float(h)
+        hubness = (self.estimate_hubness(rows) if self.has_hubness and self.hubness_k > 0
+                   else np.zeros(len(rows), np.float32))
         now = time.time()
         data = [
             {
@@ -360,16 +369,16 @@ class VectorStore:
                 "synthetic": bool(r.synthetic),
                 "encoder_version": self.encoder_version,
                 "indexed_at": now,
-                **({"hubness": float(r.hubness)} if self.has_hubness else {}),
+                **({"hubness": float(h)} if self.has_hubness else {}),
             }
-            for r in rows
+            for r, h in zip(rows, hubness)
         ]
         with self._lock:
             self.client.upsert(self.name, data)
             if self.mirror is not None:
-                for r, d in zip(rows, data):
+                for r, d, h in zip(rows, data, hubness):
                     self.mirror.put(r.id, np.asarray(r.vector, np.float32), r.doc_id, r.chunk, d["text"], d["title"],
-                                    r.tenant, bool(r.synthetic), float(r.hubness))
+                                    r.tenant, bool(r.synthetic), float(h))
         if self.has_hubness and self.hubness_k > 0 and self.hubness_refresh_growth > 0 and self._refresh_due():
             self.refresh_hubness()
         return len(data)
@@ -409,18 +418,21 @@ class VectorStore:
                     pool = self.mirror.neighbour_pool(tenant, batch_ids)
                     stored = v @ self.mirror.vectors[pool].T  # (b, P)
             else:
-                hits = self.search(v, k + 1, tenant=tenant, include_synthetic=False)
-                stored = np.full((len(idx), k + 1), -np.inf, np.float32)
-                for qi, hs in enumerate(hits):
-                    scores = [h.score for h in hs if h.id not in batch_ids][: k + 1]
-                    stored[qi, : len(scores)] = scores
-            sims = np.concatenate([stored, own], axis=1)
-            kk = min(k, sims.shape[1])
-            if kk == 0:
-                continue
-            top = np.partition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]
-            finite = np.isfinite(top)
-            out[idx] = np.where(finite, top, 0.0).sum(1) / np.maximum(finite.sum(1), 1)
+                stored = self._server_neighbour_scores(v, tenant, [batch_ids] * len(idx))
+            out[idx] = mean_of_top(np.concatenate([stored, own], axis=1), k)
+        return out
+
+    def _server_neighbour_scores(self, vectors: np.ndarray, tenant: str, skip: Sequence[set[str]]) -> np.ndarray:
+        """Cosines (n, k+1) of each vector to its nearest real rows of ``tenant`` on the server, less the ids in
+        ``skip[i]``; -inf pads. Asks for ids and distances only: no text crosses the wire."""
+        k = self.hubness_k
+        with self._lock:
+            res = self.client.search(self.name, data=np.asarray(vectors, np.float32).tolist(), limit=k + 1,
+                                     filter=f'tenant == "{tenant}" and synthetic == false', output_fields=[])
+        out = np.full((len(vectors), k + 1), -np.inf, np.float32)
+        for i, hits in enumerate(res):
+            scores = [float(h["distance"]) for h in hits if h["id"] not in skip[i]]
+            out[i, : len(scores)] = scores
         return out
 
     def refresh_hubness(self) -> int:
@@ -447,14 +459,18 @@ class VectorStore:
             for rows, pool in snapshot.values():
                 if len(rows) == 0:
                     continue
-                where = {int(p): j for j, p in enumerate(pool)}
-                exclude = np.array([where.get(int(r), -1) for r in rows])
+                # each row's own position in its (sorted) pool, or -1 for a synthetic row, which is not in it
+                exclude = np.full(len(rows), -1)
+                if len(pool):
+                    at = np.minimum(np.searchsorted(pool, rows), len(pool) - 1)
+                    exclude = np.where(pool[at] == rows, at, -1)
                 values.append(mean_top_similarity(vectors[rows], vectors[pool], self.hubness_k, exclude))
                 previous.append(stored[rows])
                 ids.extend(row_ids[r] for r in rows)
         else:
             with self._lock:
-                it = self.client.query_iterator(self.name, batch_size=1000, filter="", output_fields=["id", "vector", "tenant", "hubness"])
+                it = self.client.query_iterator(self.name, batch_size=1000, filter="",
+                                                output_fields=["id", "vector", "tenant", "hubness"])
             while True:
                 with self._lock:
                     batch = it.next()
@@ -465,9 +481,8 @@ class VectorStore:
                 for tenant in {r["tenant"] for r in batch}:
                     idx = [i for i, r in enumerate(batch) if r["tenant"] == tenant]
                     vecs = np.array([batch[i]["vector"] for i in idx], np.float32)
-                    for i, hs in zip(idx, self.search(vecs, self.hubness_k + 1, tenant=tenant, include_synthetic=False)):
-                        scores = [h.score for h in hs if h.id != batch[i]["id"]][: self.hubness_k]
-                        out[i] = float(np.mean(scores)) if scores else 0.0
+                    sims = self._server_neighbour_scores(vecs, tenant, [{batch[i]["id"]} for i in idx])
+                    out[idx] = mean_of_top(sims, self.hubness_k)
                 values.append(out)
                 previous.append(np.array([r.get("hubness") or 0.0 for r in batch], np.float32))
                 ids.extend(r["id"] for r in batch)

@@ -8,9 +8,9 @@ hubness over the whole corpus (what a refreshed store holds). Each set's
 queries are served as traffic, in order and in micro-batches of 16, so the
 query bank holds only the queries before the current batch. Every query set
 is split by query id into a dev half and a test half: the fine signal and its
-weight, then the threshold and the confidence gate, are chosen on dev (pooled
-over the sets), and the figures reported are those of the test half, so the
-choice is not fitted to what it is judged on.
+weights (by mean dev nDCG@10 over the sets), then the threshold and the
+confidence gate (per set, below), are chosen on dev, and the figures reported
+are those of the test half, so the choice is not fitted to what it is judged on.
 
 The comparison the issue sets is plain top-k: the service's own (top 5 with
 cosine >= min_score, the same number of passages the adaptive retriever hands
@@ -18,8 +18,9 @@ the generator at most), and top-10 for reference. The threshold is chosen as
 the one with the most precise context among those that keep nDCG@10 and P@5
 at least at the served top-5's on every dev set (the target holds per set, so
 the choice does too; a pooled mean let one set's loss hide behind another's
-gain). Where none does, the one whose worst set loses least nDCG@10. On test, the differences to the served
-top-5 come with a paired bootstrap 95% interval over queries.
+gain). Where none does, the one whose worst set loses least nDCG@10. On test,
+the differences to the served top-5 come with a paired bootstrap 95% interval
+over queries.
 
 Reported per set and system:
 
@@ -60,6 +61,7 @@ from agents.retriever import (  # noqa: E402
     cut,
     hubness_corrected,
     is_confident,
+    serve_as_traffic,
     tokenize,
     zscore,
 )
@@ -85,14 +87,6 @@ def context_metrics(run: dict[str, list[str]], qrels) -> dict[str, float]:
         "hits_per_query": float(np.mean(returned)),
         "no_context_rate": float(np.mean([r == 0 for r in returned])),
     }
-
-
-def stream(retriever: AdaptiveRetriever, texts: list[str], vecs: np.ndarray) -> list[list]:
-    """Serve a query set as traffic: micro-batches in order, each banked after its own re-score."""
-    out: list[list] = []
-    for s in range(0, len(texts), ONLINE_BATCH):
-        out.extend(retriever.search(texts[s : s + ONLINE_BATCH], vecs[s : s + ONLINE_BATCH]))
-    return out
 
 
 class Prepared:
@@ -212,10 +206,8 @@ def main() -> None:
     prepared = {n: Prepared(ds, v, q, args.coarse_k, d.query_bank_k, d.query_bank_min) for n, (ds, v, q) in loaded.items()}
     halves = {n: split(p.qids) for n, p in prepared.items()}
 
-    # --- choose on dev, pooled over the sets. First the fine signal's weight, by the
-    # fine ranking's mean nDCG@10; then the threshold, by the mean precision of the
-    # returned context, among those that keep at least RECALL_KEPT of plain top-5's recall
-    # on every set (a threshold that returns one hit would otherwise always win).
+    # --- choose on dev. First the fine signal and its weights, by the fine ranking's mean
+    # nDCG@10 over the sets; then the threshold and gate, by the rule in the docstring.
     def dev_metrics(cfg, fine_only=False):
         return {n: context_metrics(p.run(cfg, halves[n][0], fine_only=fine_only), p.qrels(halves[n][0]))
                 for n, p in prepared.items()}
@@ -271,7 +263,7 @@ def main() -> None:
                      for m in ("nDCG@10", "P@5")}
         # end to end through AdaptiveRetriever itself, the whole set served as traffic: must match the grid
         r = AdaptiveRetriever(p.index, config=chosen)
-        hits = stream(r, [p.ds.queries[q] for q in p.qids], p.query_vecs)
+        hits = serve_as_traffic(r, [p.ds.queries[q] for q in p.qids], p.query_vecs)
         systems["AdaptiveRetriever.search"] = context_metrics({p.qids[i]: [h.doc_id for h in hits[i]] for i in test}, qr)
         report["datasets"][n] = {"test_queries": len(test), "corpus": len(p.ds.doc_ids), "systems": systems,
                                  "adaptive_minus_served_top5": vs_served}
@@ -286,7 +278,7 @@ def main() -> None:
         ds_c, cv, _ = loaded[cset]
         r = AdaptiveRetriever(prepared[cset].index, config=chosen)
         test = halves[qset][1]
-        served = stream(r, [ds_q.queries[q] for q in prepared[qset].qids], qv)
+        served = serve_as_traffic(r, [ds_q.queries[q] for q in prepared[qset].qids], qv)
         hits = [served[i] for i in test]
         answerable = report["datasets"][qset]["systems"]["adaptive (fine + threshold)"]["no_context_rate"]
         report["unanswerable"][f"{qset} queries -> {cset} corpus"] = {
