@@ -15,9 +15,11 @@ from typing import Literal, Optional
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agents.topology import Topology, load_topology
+from hybridrag.agents.kafka.topology import Topology, load_topology
+from hybridrag.models.paths import data_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# package data: the demo corpus and questions, and the licences of what we ship
+RESOURCES = Path(__file__).resolve().parent / "resources"
 
 
 def _f(default, description: str, *aliases: str, **kw):
@@ -60,7 +62,7 @@ class Settings(BaseSettings):
     query_batch_max: int = _f(64, "Most queries answered in one batch (stream.take max).")
     query_batch_timeout_s: float = _f(0.05, "Longest a query waits for its batch to fill (stream.take within).")
     query_overlap: bool = _f(True, "Keep taking queries while a batch computes; a queued query joins the next batch "
-                             "as soon as the model is free instead of after another timeout (agents/batching.py).")
+                             "as soon as the model is free instead of after another timeout (agents/stream_buffer.py).")
     ingest_batch_max: int = _f(256, "Most documents encoded in one batch.")
     ingest_batch_timeout_s: float = _f(0.5, "Longest a document waits for its batch to fill.")
 
@@ -183,7 +185,8 @@ class Settings(BaseSettings):
     retry_backoff_max_s: float = _f(30.0, "Longest backoff while waiting out a transient outage.")
     log_level: str = _f("info", "Log level of the worker.")
     log_format: Literal["text", "json"] = _f("text", "Worker log format; json writes one object per line with query ids.")
-    data_dir: str = _f(str(REPO_ROOT / "data"), "Where caches, checkpoints and the Milvus Lite file live.")
+    data_dir: str = Field(default_factory=lambda: str(data_dir()),
+                          description="Where caches, checkpoints and the Milvus Lite file live.")
 
     @field_validator("chunk_overlap")
     @classmethod

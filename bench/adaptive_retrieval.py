@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -47,11 +46,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from agents import evaluation  # noqa: E402
-from agents.encoders import OriginalEncoder  # noqa: E402
-from agents.retriever import (  # noqa: E402
+from hybridrag.agents.evaluation import harness  # noqa: E402
+from hybridrag.models.encoders import OriginalEncoder  # noqa: E402
+from hybridrag.agents.retention.adaptive_retriever import (  # noqa: E402
     AdaptiveConfig,
     ONLINE_BATCH,
     AdaptiveRetriever,
@@ -65,8 +63,8 @@ from agents.retriever import (  # noqa: E402
     tokenize,
     zscore,
 )
-from agents.settings import Settings  # noqa: E402
-from agents.store import mean_top_similarity  # noqa: E402
+from hybridrag.agents.settings import Settings  # noqa: E402
+from hybridrag.agents.rag.store import mean_top_similarity  # noqa: E402
 
 DATASETS = ["chatterbot", "foldoc", "wordnet-revdict"]
 # the unanswerable pairing: queries of the first set against the corpus of the second
@@ -75,14 +73,14 @@ UNANSWERABLE = [(a, b) for a in DATASETS for b in DATASETS if a != b]
 
 def context_metrics(run: dict[str, list[str]], qrels) -> dict[str, float]:
     """Ranking metrics of the whole list; context metrics of its first 5 (what a generator is handed)."""
-    m = evaluation.evaluate_run(run, qrels)
+    m = harness.evaluate_run(run, qrels)
     ctx = {q: list(run.get(q, []))[:5] for q in qrels}
     returned = [len(ctx[q]) for q in qrels]
     prec = [sum(1 for d in ctx[q] if qrels[q].get(d, 0) > 0) / len(ctx[q]) for q in qrels if ctx[q]]
     return {
         "nDCG@10": m["nDCG@10"],
         "P@5": m["P@5"],
-        "R@5": float(np.mean([evaluation.recall_at_k(run.get(q, []), qrels[q], 5) for q in qrels])),
+        "R@5": float(np.mean([harness.recall_at_k(run.get(q, []), qrels[q], 5) for q in qrels])),
         "context_precision": float(np.mean(prec)) if prec else 0.0,
         "hits_per_query": float(np.mean(returned)),
         "no_context_rate": float(np.mean([r == 0 for r in returned])),
@@ -97,7 +95,7 @@ class Prepared:
     measured against the queries of the batches before it (none at first).
     """
 
-    def __init__(self, ds: evaluation.Dataset, doc_vecs: np.ndarray, query_vecs: np.ndarray, k: int,
+    def __init__(self, ds: harness.Dataset, doc_vecs: np.ndarray, query_vecs: np.ndarray, k: int,
                  bank_k: int, bank_min: int):
         self.ds = ds
         self.qids = list(ds.queries)
@@ -181,8 +179,8 @@ def thresholds(base: AdaptiveConfig) -> list[AdaptiveConfig]:
 
 def per_query(run: dict[str, list[str]], qrels) -> dict[str, list[float]]:
     qs = [q for q in qrels if any(g > 0 for g in qrels[q].values())]
-    return {"nDCG@10": [evaluation.ndcg_at_k(run.get(q, []), qrels[q], 10) for q in qs],
-            "P@5": [evaluation.precision_at_k(run.get(q, []), qrels[q], 5) for q in qs]}
+    return {"nDCG@10": [harness.ndcg_at_k(run.get(q, []), qrels[q], 10) for q in qs],
+            "P@5": [harness.precision_at_k(run.get(q, []), qrels[q], 5) for q in qs]}
 
 
 def main() -> None:
@@ -196,8 +194,8 @@ def main() -> None:
     enc = OriginalEncoder()
     loaded: dict[str, tuple] = {}
     for name in names:
-        ds = evaluation.Dataset.load(name)
-        vecs, cached = evaluation.encode_corpus(enc, ds)
+        ds = harness.Dataset.load(name)
+        vecs, cached = harness.encode_corpus(enc, ds)
         qv = enc.encode([ds.queries[q] for q in ds.queries])
         loaded[name] = (ds, vecs, qv)
         print(f"{name}: {len(ds.queries)} queries, {len(ds.doc_ids)} docs (corpus vectors {'cached' if cached else 'encoded'})",
@@ -259,7 +257,7 @@ def main() -> None:
             "adaptive, cosine only": context_metrics(p.run(replace(chosen, fine="dense"), test), qr),
         }
         pa, ps = per_query(adaptive_run, qr), per_query(served_run, qr)
-        vs_served = {m: dict(zip(("mean", "lo", "hi"), evaluation.paired_bootstrap(pa[m], ps[m])))
+        vs_served = {m: dict(zip(("mean", "lo", "hi"), harness.paired_bootstrap(pa[m], ps[m])))
                      for m in ("nDCG@10", "P@5")}
         # end to end through AdaptiveRetriever itself, the whole set served as traffic: must match the grid
         r = AdaptiveRetriever(p.index, config=chosen)

@@ -11,7 +11,7 @@ heads of 32 dims, the hybrid encoder's shape):
   kernel torch picks on this machine (on CPU a flash kernel that is itself
   memory-efficient when no mask is given);
 - ``sdpa_masked``: the same with a padding mask, as in a padded batch;
-- ``streaming``: ``models.streaming_attention.sliding_window_attention``
+- ``streaming``: ``hybridrag.models.streaming_attention.sliding_window_attention``
   (window 128, chunk 256, the encoder's defaults).
 
 Wall time per call is recorded too (noisy on a shared machine): the window
@@ -44,9 +44,8 @@ def worker(method: str, T: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(ROOT))
-    from models.hybrid_encoder import Config
-    from models.streaming_attention import full_attention, sliding_window_attention
+    from hybridrag.models.hybrid_encoder import Config
+    from hybridrag.models.streaming_attention import full_attention, sliding_window_attention
 
     torch.set_num_threads(2)
     cfg = Config()
@@ -107,4 +106,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         print(json.dumps(worker(sys.argv[2], int(sys.argv[3]))))
     else:
+        import argparse
+
+        argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
         main()

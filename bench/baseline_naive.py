@@ -24,9 +24,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pymilvus import DataType, MilvusClient
 from sentence_transformers import SentenceTransformer
 
-from agents.encoders import minilm_model_dir
-from agents.generator import ExtractiveGenerator
-from agents.store import Hit
+from hybridrag.models.tokenizer import minilm_model_dir
+from hybridrag.agents.rag.generator import ExtractiveGenerator
+from hybridrag.agents.rag.store import Hit
 
 
 def open_collection(uri: str) -> MilvusClient:

@@ -14,7 +14,7 @@ service's own parts, on one CPU thread:
 2. Traffic. Old: WordNet training-side definitions (never a test query), two
    days ago. New: chatterbot training-side questions (held-out questions are
    the test queries and never appear), now. Each query's top-5 hits and its
-   cited top-1 go to a real :class:`agents.memory.MemoryManager` (Redis, a uuid
+   cited top-1 go to a real :class:`hybridrag.agents.retention.memory_manager.MemoryManager` (Redis, a uuid
    prefix), as the answer agent records them.
 3. The synthesizer (the shipped text diffusion model; the hybrid has no
    embedding prior, so text only) rewrites the passages it retrieves from the
@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import random
-import sys
 import time
 import uuid
 from dataclasses import asdict, replace
@@ -65,10 +64,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from agents import corpora  # noqa: E402
-from agents.continual import (  # noqa: E402
+from hybridrag.models import corpora  # noqa: E402
+from hybridrag.agents.retention.continual_learner import (  # noqa: E402
     LearnerConfig,
     TrainingBuffer,
     canary_per_query,
@@ -77,10 +75,10 @@ from agents.continual import (  # noqa: E402
     ndcg_per_query,
     run_update,
 )
-from agents.evaluation import Dataset, top_k_cosine  # noqa: E402
-from agents.memory import DocRecord, MemoryConfig, MemoryManager  # noqa: E402
-from agents.schemas import GeneratedDocument  # noqa: E402
-from agents.settings import Settings  # noqa: E402
+from hybridrag.agents.evaluation.harness import Dataset, top_k_cosine  # noqa: E402
+from hybridrag.agents.retention.memory_manager import DocRecord, MemoryConfig, MemoryManager  # noqa: E402
+from hybridrag.agents.kafka.schemas import GeneratedDocument  # noqa: E402
+from hybridrag.agents.settings import Settings  # noqa: E402
 
 NEW, OLD = "chatterbot", "wordnet-revdict"
 DAY = 86_400.0
@@ -153,13 +151,14 @@ def simulate_memory(mem: MemoryManager, encoder, doc_ids: list[str], doc_texts: 
 
 def synthesize(encoder, queries: list[str], settings: Settings, doc_texts: list[str], doc_vecs: np.ndarray, seed: int,
                from_scratch: bool = False) -> list[GeneratedDocument]:
-    """What the synthesize agent publishes for these queries (agents/app.py ``synthesize``).
+    """What the synthesize agent publishes for these queries (``hybridrag.agents.synthesize_documents.synthesize``).
 
     Like the agent, the text model rewrites the passages retrieved from the store for each
     query (SDEdit at ``synth_strength``); ``from_scratch`` writes without them instead.
     """
-    from agents.quality_filter import FilterConfig, matrix_store_search
-    from agents.synthesis import SynthesisConfig, Synthesizer, load_text_model, retrieve_contexts
+    from hybridrag.agents.synthesis.quality_filter import FilterConfig, matrix_store_search
+    from hybridrag.agents.synthesis.synthesizer import (SynthesisConfig, Synthesizer, generated_document, load_text_model,
+                                                         retrieve_contexts)
 
     synth = Synthesizer(encoder, load_text_model(), None, FilterConfig(min_query_similarity=settings.synth_min_query_similarity),
                         SynthesisConfig(text_steps=settings.synth_text_steps, prior_steps=settings.synth_prior_steps,
@@ -169,15 +168,7 @@ def synthesize(encoder, queries: list[str], settings: Settings, doc_texts: list[
                                                            passage_vecs=doc_vecs)
     samples = synth.synthesize([(f"cbq-stream-{i}", q) for i, q in enumerate(queries)],
                                n_per_query=settings.synth_samples, contexts=contexts)
-    return [
-        GeneratedDocument(
-            query_id=d.query_id, query=d.query[:2000], doc_id=f"synth:{d.query_id}:{d.kind}:{d.sample_index}",
-            text=d.text or "", embedding=[float(x) for x in d.embedding], kept=d.kept, drop_reasons=list(d.reasons),
-            scores={k: float(v) for k, v in d.scores.items() if v is not None},
-            model_versions={d.kind: d.model_version}, encoder_version=d.encoder_version,
-        )
-        for d in samples
-    ]
+    return [generated_document(d) for d in samples]
 
 
 def main() -> None:
@@ -212,7 +203,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from models.hybrid_encoder import DEFAULT_CHECKPOINT, HybridEncoderRuntime
+    from hybridrag.models.hybrid_encoder import DEFAULT_CHECKPOINT, HybridEncoderRuntime
 
     t_start = time.perf_counter()
     settings = Settings()
@@ -280,7 +271,7 @@ def main() -> None:
         per_query = {"base": {"new": score(base, new_test), "old": score(base, old_test)}}
         lap("score_base", t)
         if not args.no_teacher:
-            from agents.encoders import OriginalEncoder
+            from hybridrag.models.encoders import OriginalEncoder
 
             t = time.perf_counter()
             teacher = OriginalEncoder()

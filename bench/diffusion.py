@@ -1,4 +1,4 @@
-"""Benchmark of the diffusion models (issue 4), baseline and ours in the same run.
+"""Benchmark of the diffusion models, baseline and ours in the same run.
 
 Retrieval: nDCG@10 (and MRR@10, R@100) on every held-out set, original encoder
 without expansion (the baseline) against the same encoder with embedding-prior
@@ -27,7 +27,6 @@ samples to ``bench/results/diffusion_samples.md``.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -36,13 +35,13 @@ import numpy as np
 import typer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
 
-from agents import evaluation  # noqa: E402
-from agents.quality_filter import Candidate, FilterConfig, judge, pass_rate, reason_counts  # noqa: E402
-from agents.synthesis import ExpansionConfig, load_prior, load_text_model  # noqa: E402
-from models import train_diffusion as T  # noqa: E402
-from models.embedding_diffusion import expand_queries, sample_agreement  # noqa: E402
+from hybridrag.agents.evaluation import harness  # noqa: E402
+from hybridrag.agents.synthesis.quality_filter import Candidate, FilterConfig, judge, pass_rate, reason_counts  # noqa: E402
+from hybridrag.agents.synthesis.expansion import ExpansionConfig
+from hybridrag.agents.synthesis.synthesizer import load_prior, load_text_model  # noqa: E402
+from hybridrag.models import train_diffusion as T  # noqa: E402
+from hybridrag.models.embedding_diffusion import expand_queries, sample_agreement  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "results"
 DATASETS = ("wordnet-revdict", "foldoc", "chatterbot")
@@ -57,20 +56,20 @@ def embed(encoder, texts: list[str]) -> np.ndarray:
 
 
 def run_metrics(ranked: list[list[str]], qids: list[str], qrels) -> dict:
-    m = evaluation.evaluate_run(dict(zip(qids, ranked)), qrels)
+    m = harness.evaluate_run(dict(zip(qids, ranked)), qrels)
     return {k: m[k] for k in ("nDCG@10", "MRR@10", "R@100")}
 
 
 def retrieval(encoder, prior, cfg: ExpansionConfig, weights: list[float], max_queries: int | None) -> dict:
     out = {}
     for name in DATASETS:
-        ds = evaluation.Dataset.load(name, max_queries=max_queries)
-        doc_vecs, _ = evaluation.encode_corpus(encoder, ds, progress=False)
+        ds = harness.Dataset.load(name, max_queries=max_queries)
+        doc_vecs, _ = harness.encode_corpus(encoder, ds, progress=False)
         qids = list(ds.queries)
         qv = embed(encoder, [ds.queries[q] for q in qids])
 
         def ranked(vecs):
-            return [[ds.doc_ids[i] for i in row] for row in evaluation.top_k_cosine(vecs, doc_vecs, 100)]
+            return [[ds.doc_ids[i] for i in row] for row in harness.top_k_cosine(vecs, doc_vecs, 100)]
 
         entry = {"queries": len(qids), "corpus": len(ds.doc_ids), "none": run_metrics(ranked(qv), qids, ds.qrels)}
         t0 = time.perf_counter()
@@ -113,19 +112,20 @@ def dev_sets(n: int = 400, seed: int = 0) -> dict:
     """
     import random
 
-    from agents import corpora, datasets
+    from hybridrag.models import corpora
+    from hybridrag.agents.evaluation import datasets
 
     known = set(T.known_embeddings("minilm-l6-v2"))
     rng = random.Random(seed)
     out = {}
-    ds = evaluation.Dataset.load("wordnet-revdict")
+    ds = harness.Dataset.load("wordnet-revdict")
     by_text = {t: i for i, t in zip(ds.doc_ids, ds.doc_texts)}
     items = [e for e in corpora.wordnet_entries() if not e.held_out and len(e.text.split()) >= 4
              and corpora.wordnet_entry_text(e) in by_text and T.text_key(e.text) not in known]
     rng.shuffle(items)
     out["wordnet-revdict"] = (ds, {f"dev-{i}": e.text for i, e in enumerate(items[:n])},
                               {f"dev-{i}": {by_text[corpora.wordnet_entry_text(e)]: 1} for i, e in enumerate(items[:n])})
-    ds = evaluation.Dataset.load("foldoc")
+    ds = harness.Dataset.load("foldoc")
     by_text = {t: i for i, t in zip(ds.doc_ids, ds.doc_texts)}
     qs, qrels = {}, {}
     items = [e for e in corpora.foldoc_entries() if not e.held_out and corpora.foldoc_term_entry(e) in by_text]
@@ -150,7 +150,7 @@ def tune(encoder, prior, k: int, steps: int, n: int) -> dict:
     sets = dev_sets(n)
     per_set, agreements = {}, {}
     for name, (ds, queries, qrels) in sets.items():
-        doc_vecs, _ = evaluation.encode_corpus(encoder, ds, progress=False)
+        doc_vecs, _ = harness.encode_corpus(encoder, ds, progress=False)
         qids = list(queries)
         qv = embed(encoder, [queries[q] for q in qids])
         per_set[name] = (ds, doc_vecs, qids, qv, qrels)
@@ -163,8 +163,8 @@ def tune(encoder, prior, k: int, steps: int, n: int) -> dict:
     base = {}
     for name, (ds, doc_vecs, qids, qv, qrels) in per_set.items():
         def ndcg(vecs):
-            ranked = [[ds.doc_ids[i] for i in row] for row in evaluation.top_k_cosine(vecs, doc_vecs, 10)]
-            return evaluation.evaluate_run(dict(zip(qids, ranked)), qrels)["nDCG@10"]
+            ranked = [[ds.doc_ids[i] for i in row] for row in harness.top_k_cosine(vecs, doc_vecs, 10)]
+            return harness.evaluate_run(dict(zip(qids, ranked)), qrels)["nDCG@10"]
 
         base[name] = ndcg(qv)
         for g in guidances:
@@ -188,14 +188,14 @@ def tune(encoder, prior, k: int, steps: int, n: int) -> dict:
 
 
 def blend_rows(qv: np.ndarray, samples: np.ndarray, w: np.ndarray) -> np.ndarray:
-    from models.embedding_diffusion import blend
+    from hybridrag.models.embedding_diffusion import blend
 
     return blend(qv, samples, w)
 
 
 def distinct_n(texts: list[str], n: int) -> float:
     """Distinct n-grams over all n-grams of the samples (Li et al. 2016, https://arxiv.org/abs/1510.03055)."""
-    from agents.quality_filter import words
+    from hybridrag.agents.synthesis.quality_filter import words
 
     grams = [tuple(w[i : i + n]) for t in texts for w in [words(t)] for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
@@ -260,7 +260,7 @@ def invented_word_rate(sample: str, context: str | None, known) -> float:
     A weak model glues word pieces into non-words ("compilerless"); a word
     taken from the context is real text by construction. A rough fluency proxy.
     """
-    from agents.quality_filter import words
+    from hybridrag.agents.synthesis.quality_filter import words
 
     ctx = set(words(context or ""))
     ws = [w for w in words(sample) if w.isalpha()]
@@ -298,7 +298,7 @@ def context_bench(encoder, model, strengths: list[float], n_queries: int, n_per_
     """
     import torch
 
-    from agents.quality_filter import edit_rate, matrix_store_search, words
+    from hybridrag.agents.synthesis.quality_filter import edit_rate, matrix_store_search, words
 
     vocab = model.tokenizer.get_vocab()
 
@@ -307,8 +307,8 @@ def context_bench(encoder, model, strengths: list[float], n_queries: int, n_per_
 
     sets = {}
     for name in DATASETS:
-        ds = evaluation.Dataset.load(name, max_queries=n_queries)
-        doc_vecs, _ = evaluation.encode_corpus(encoder, ds, progress=False)
+        ds = harness.Dataset.load(name, max_queries=n_queries)
+        doc_vecs, _ = harness.encode_corpus(encoder, ds, progress=False)
         qids = list(ds.queries)  # sorted by id: uncurated
         queries = [ds.queries[q] for q in qids]
         qv = encoder.encode(queries)
@@ -316,11 +316,11 @@ def context_bench(encoder, model, strengths: list[float], n_queries: int, n_per_
             def long_enough(i: int) -> bool:
                 return sum(1 for w in words(ds.doc_texts[i]) if any(ch.isalnum() for ch in w)) >= min_context_words
 
-            wide = evaluation.top_k_cosine(qv, doc_vecs, 100)
+            wide = harness.top_k_cosine(qv, doc_vecs, 100)
             picked = [[i for i in row if long_enough(i)][:k] or list(row[:k]) for row in wide]
             top = np.asarray([(row * k)[:k] for row in picked])  # fewer than k long ones: reuse them
         else:
-            top = evaluation.top_k_cosine(qv, doc_vecs, k)
+            top = harness.top_k_cosine(qv, doc_vecs, k)
         contexts = [[ds.doc_texts[i] for i in row] for row in top]
         gold = np.mean([ds.doc_ids[i] in ds.qrels[q] for q, row in zip(qids, top) for i in row])
         # the contexts themselves, as the model sees them, through the same filter (no store: they are in it):
@@ -461,7 +461,7 @@ def main(
 ) -> None:
     import torch
 
-    from agents.encoders import OriginalEncoder
+    from hybridrag.models.encoders import OriginalEncoder
 
     torch.set_num_threads(2)
     encoder = OriginalEncoder()
@@ -504,7 +504,7 @@ def run_context(encoder, strengths: list[float], n_queries: int, k: int, steps: 
     """
     import torch
 
-    from agents.synthesis import SynthesisConfig
+    from hybridrag.agents.synthesis.synthesizer import SynthesisConfig
 
     torch.set_num_threads(1)
     model = load_text_model(checkpoint)

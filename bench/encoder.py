@@ -9,7 +9,7 @@ One run, same texts for every model, 2 CPU threads:
   model in a fresh subprocess so that one model's memory does not count
   against another.
 
-Texts come from the offline training corpora (``agents.corpora``): queries are
+Texts come from the offline training corpora (``hybridrag.models.corpora``): queries are
 the query side of training pairs, passages are consecutive corpus texts joined
 until they reach 256 tokens.
 
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 MODELS = ("original", "hybrid-fp32", "hybrid-int8")
 PASSAGE_TOKENS = 256
@@ -37,7 +36,7 @@ def token_counter():
     """The encoders' WordPiece tokenizer without the padding and truncation to 128 its tokenizer.json sets."""
     from tokenizers import Tokenizer
 
-    from models.hybrid_encoder import tokenizer_path
+    from hybridrag.models.hybrid_encoder import tokenizer_path
 
     tok = Tokenizer.from_file(str(tokenizer_path()))
     tok.no_padding()
@@ -46,7 +45,7 @@ def token_counter():
 
 
 def build_texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
-    from agents import corpora
+    from hybridrag.models import corpora
 
     queries = [q for q, _ in corpora.training_pairs(limit=4 * n_queries, seed=99) if len(q) < 80][:n_queries]
     tok = token_counter()
@@ -64,23 +63,23 @@ def build_texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
 
 def load_model(name: str, checkpoint: str | None):
     if name == "original":
-        from agents.encoders import OriginalEncoder
+        from hybridrag.models.encoders import OriginalEncoder
 
         return OriginalEncoder()
-    from models.hybrid_encoder import HybridEncoderRuntime
+    from hybridrag.models.hybrid_encoder import HybridEncoderRuntime
 
     return HybridEncoderRuntime.load(checkpoint, quantize=name.endswith("int8"))
 
 
 def model_stats(name: str, enc) -> dict:
-    from models.quantization import weight_bytes
+    from hybridrag.models.quantization import weight_bytes
 
     if name == "original":
         module = enc.model
         params = sum(p.numel() for p in module.parameters())
     else:
         module = enc.model
-        from models.hybrid_encoder import HybridEncoder
+        from hybridrag.models.hybrid_encoder import HybridEncoder
 
         params = HybridEncoder(enc.cfg).num_parameters()  # INT8 modules hide theirs from .parameters()
     return {"parameters": params, "weight_bytes": weight_bytes(module)}

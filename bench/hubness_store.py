@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -38,17 +37,15 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 from adaptive_retrieval import split  # noqa: E402
 
-from agents import evaluation  # noqa: E402
-from agents.encoders import OriginalEncoder  # noqa: E402
-from agents.pipeline import TopKRetriever  # noqa: E402
-from agents.retriever import AdaptiveConfig, AdaptiveRetriever  # noqa: E402
-from agents.settings import Settings  # noqa: E402
-from agents.store import Row, VectorStore, mean_top_similarity  # noqa: E402
+from hybridrag.agents.evaluation import harness  # noqa: E402
+from hybridrag.models.encoders import OriginalEncoder  # noqa: E402
+from hybridrag.agents.rag.pipeline import TopKRetriever  # noqa: E402
+from hybridrag.agents.retention.adaptive_retriever import AdaptiveConfig, AdaptiveRetriever  # noqa: E402
+from hybridrag.agents.settings import Settings  # noqa: E402
+from hybridrag.agents.rag.store import Row, VectorStore, mean_top_similarity  # noqa: E402
 
 DATASETS = ["chatterbot", "foldoc", "wordnet-revdict"]
 INGEST_BATCH = 256
@@ -68,7 +65,7 @@ def write_corpus(path: str, ds, vecs: np.ndarray, order: np.ndarray, hubness_k: 
 def fine_ndcg(retriever: AdaptiveRetriever, ds, qids: list[str], qvecs: np.ndarray) -> float:
     ranked = retriever.fine_stage([ds.queries[q] for q in qids], qvecs, retriever.coarse_stage(qvecs))
     run = {q: [h.doc_id for h in hs[:10]] for q, hs in zip(qids, ranked)}
-    return evaluation.evaluate_run(run, {q: ds.qrels[q] for q in qids})["nDCG@10"]
+    return harness.evaluate_run(run, {q: ds.qrels[q] for q in qids})["nDCG@10"]
 
 
 def time_queries(retriever, texts: list[str], qvecs: np.ndarray, repeats: int = 3) -> float:
@@ -96,8 +93,8 @@ def main() -> None:
     report: dict = {"settings": {"hubness_k": s.hubness_k, "hubness_refresh_growth": s.hubness_refresh_growth,
                                  "ingest_batch": INGEST_BATCH, "adaptive": cfg.__dict__}, "datasets": {}}
     for name in args.dataset or DATASETS:
-        ds = evaluation.Dataset.load(name)
-        vecs, _ = evaluation.encode_corpus(enc, ds, progress=False)
+        ds = harness.Dataset.load(name)
+        vecs, _ = harness.encode_corpus(enc, ds, progress=False)
         qids = list(ds.queries)
         qvecs_all = enc.encode([ds.queries[q] for q in qids])
         test = split(qids)[1]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import random
 import signal
@@ -31,22 +30,22 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import numpy as np
 import orjson
 
-from agents.admin import create_topics
-from agents.broker import EmbeddedBroker, free_port
-from agents.chunking import chunk_document
-from agents.client import AsyncClient
-from agents.schemas import Document, Query
-from agents.settings import Settings
+from hybridrag.agents.kafka.admin import create_topics
+from hybridrag.agents.kafka.broker import EmbeddedBroker, free_port
+from hybridrag.agents.rag.chunking import chunk_document
+from hybridrag.agents.kafka.client import AsyncClient
+from hybridrag.agents.kafka.schemas import Document, Query
+from hybridrag.agents.evaluation.harness import ndcg_at_k
+from hybridrag.agents.settings import RESOURCES, Settings
+from hybridrag.agents.worker_process import WORKER_COMMAND, health
 
 RESULTS = REPO / "bench" / "results"
 
@@ -69,10 +68,10 @@ def load_workload(n_docs: int, n_queries: int, seed: int = 0):
             if int(score) > 0:
                 qrels.setdefault(f"{name}:{qid}", set()).add(f"{name}:{did}")
     if not docs:
-        from agents.ingest_files import iter_documents
+        from hybridrag.agents.rag.ingest_files import iter_documents
 
-        docs = list(iter_documents(REPO / "agents" / "resources" / "demo" / "corpus.jsonl"))
-        for line in (REPO / "agents" / "resources" / "demo" / "questions.jsonl").read_text().splitlines():
+        docs = list(iter_documents(RESOURCES / "demo" / "corpus.jsonl"))
+        for line in (RESOURCES / "demo" / "questions.jsonl").read_text().splitlines():
             o = orjson.loads(line)
             queries.append((o["expected_doc_id"], o["question"]))
             qrels[o["expected_doc_id"]] = {o["expected_doc_id"]}
@@ -91,14 +90,11 @@ def load_workload(n_docs: int, n_queries: int, seed: int = 0):
     return docs, queries[:n_queries], qrels
 
 
-def ndcg_at_10(ranked: list[str], relevant: set[str]) -> float:
-    seen, dcg = set(), 0.0
-    for i, d in enumerate(ranked[:10]):
-        if d in relevant and d not in seen:
-            dcg += 1 / math.log2(i + 2)
-        seen.add(d)
-    ideal = sum(1 / math.log2(i + 2) for i in range(min(len(relevant), 10)))
-    return dcg / ideal if ideal else 0.0
+def cited_ndcg(doc_ids: list[str], relevant: set[str]) -> float:
+    """nDCG@10 of an answer's sources; a document cited twice (two chunks) counts at its first place only."""
+    seen: set[str] = set()
+    ranked = ["" if d in seen or seen.add(d) else d for d in doc_ids]
+    return ndcg_at_k(ranked, dict.fromkeys(relevant, 1))
 
 
 def pct(xs, p):
@@ -165,7 +161,7 @@ async def open_loop(settings, texts, rate: float, duration_s: float, seed: int =
 async def quality(settings, queries, qrels) -> float:
     async with AsyncClient(settings) as c:
         answers = await c.ask_many([t for _, t in queries], timeout_s=600)
-    return statistics.fmean(ndcg_at_10([s.doc_id for s in a.sources], qrels[qid]) for (qid, _), a in zip(queries, answers))
+    return statistics.fmean(cited_ndcg([s.doc_id for s in a.sources], qrels[qid]) for (qid, _), a in zip(queries, answers))
 
 
 async def publish(settings, docs) -> float:
@@ -176,11 +172,9 @@ async def publish(settings, docs) -> float:
 
 
 def health_rows(port: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            return orjson.loads(r.read()).get("rows") or 0
-    except Exception:
-        return -1
+    """Rows the worker on ``port`` has indexed; -1 while it does not answer ``/health``."""
+    h = health(port)
+    return (h.get("rows") or 0) if h else -1
 
 
 async def group_done(settings, group: str, topic: str, target: int) -> bool:
@@ -241,7 +235,7 @@ def search_limit(n: int, dim: int = 384, batch: int = 64, k: int = 50, reps: int
     """Milvus Lite FLAT search against a NumPy matrix product over the same vectors."""
     import tempfile
 
-    from agents.store import Row, VectorStore
+    from hybridrag.agents.rag.store import Row, VectorStore
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, dim)).astype(np.float32)
@@ -340,7 +334,7 @@ def main() -> None:
                        HYBRIDRAG_SYNTH_SAMPLE_RATE="0", **extra_env)
             n_chunks = sum(len(chunk_document(d.doc_id, d.text, d.title, ours.chunk_size, ours.chunk_overlap)) for d in docs)
             return ours, run_system(
-                name, ours, [sys.executable, "-m", "agents.cli", "worker"], env, docs, queries, qrels, args,
+                name, ours, WORKER_COMMAND, env, docs, queries, qrels, args,
                 ready_check=lambda: health_rows(port) >= 0, ingest_done=lambda: health_rows(port) >= n_chunks,
             )
 
@@ -368,7 +362,7 @@ def main() -> None:
         print("[search] Milvus Lite vs matrix product ...", flush=True)
         result["search_limit"] = search_limit(args.search_vectors)
     o = result["systems"]["hybridrag"]
-    # issue 7's latency target: p99 at 50% load within the buffer timeout plus twice one batch's compute
+    # the latency target: p99 at 50% load within the buffer timeout plus twice one batch's compute
     half = o["open"][0]
     compute_ms = half["mean_stage_ms"].get("compute", float("nan"))
     timeout_ms = ours.query_batch_timeout_s * 1e3

@@ -30,16 +30,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
 import orjson
 
-from agents.admin import create_topics
-from agents.broker import EmbeddedBroker, free_port, wait_for_port
-from agents.chunking import chunk_document
-from agents.settings import Settings
-from pipeline import closed_loop, health_rows, load_workload, publish  # noqa: E402  (bench/pipeline.py)
+from hybridrag.agents.kafka.admin import create_topics
+from hybridrag.agents.kafka.broker import EmbeddedBroker, free_port, wait_for_port
+from hybridrag.agents.rag.chunking import chunk_document
+from hybridrag.agents.settings import Settings
+from hybridrag.agents.worker_process import start_worker
+from pipeline import closed_loop, health_rows, load_workload, publish  # noqa: E402  (bench/pipeline.py, beside this script)
 
 RESULTS = REPO / "bench" / "results"
 
@@ -98,9 +97,7 @@ def main() -> None:
             for n in args.workers:
                 threads = args.threads or max(1, (os.cpu_count() or 2) // n)
                 ports = [free_port() for _ in range(n)]
-                procs = [subprocess.Popen([sys.executable, "-m", "agents.cli", "worker"], cwd=REPO,
-                                          env=worker_env(s, p, threads), stdout=log, stderr=subprocess.STDOUT)
-                         for p in ports]
+                procs = [start_worker(worker_env(s, p, threads), log, cwd=REPO) for p in ports]
                 try:
                     # every worker ready and the corpus indexed (the first run ingests it)
                     wait_until(lambda: all(health_rows(p) >= n_chunks for p in ports), 1800, "workers not ready")

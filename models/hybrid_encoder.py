@@ -25,7 +25,7 @@ Papers:
   attention for inputs longer than ``Config.streaming_threshold``)
 
 ``HybridEncoderRuntime`` wraps a trained checkpoint behind the ``Encoder``
-protocol of ``agents.encoders``: ``encode(texts) -> float32 (N, 384)``.
+protocol of ``hybridrag.models.encoders``: ``encode(texts) -> float32 (N, 384)``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.streaming_attention import sliding_window_attention
+from hybridrag.models.streaming_attention import sliding_window_attention
 
 CHECKPOINT_FORMAT = "hybridrag-encoder/1"
 TOKENIZER_ID = "sentence-transformers/all-MiniLM-L6-v2 wordpiece (uncased, 30522)"
@@ -291,7 +291,7 @@ class HybridEncoder(nn.Module):
 
 
 def tokenizer_path() -> Path:
-    from agents.encoders import minilm_model_dir
+    from hybridrag.models.tokenizer import minilm_model_dir
 
     return Path(minilm_model_dir()) / "tokenizer.json"
 
@@ -317,7 +317,7 @@ def save_checkpoint(path: str | Path, model: HybridEncoder, step: int, metrics: 
 
     Returns the metadata it wrote (format, version, config, tokenizer, step, metrics).
     """
-    from models.quantization import pack_state_dict
+    from hybridrag.models.quantization import pack_state_dict
 
     packed = pack_state_dict(model.state_dict())
     meta = {
@@ -353,7 +353,7 @@ def update_checkpoint_metrics(path: str | Path, metrics: dict) -> dict:
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[HybridEncoder, dict]:
     """Rebuild the model from a checkpoint written by ``save_checkpoint``; returns (model, meta)."""
-    from models.quantization import unpack_state_dict
+    from hybridrag.models.quantization import unpack_state_dict
 
     ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -381,7 +381,7 @@ class HybridEncoderRuntime:
     def __init__(self, model: HybridEncoder, meta: dict, device: str = "cpu", quantize: bool = True):
         from tokenizers import Tokenizer
 
-        from models.quantization import quantize_encoder
+        from hybridrag.models.quantization import quantize_encoder
 
         self.meta = meta
         self.cfg = model.cfg

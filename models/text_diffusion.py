@@ -410,7 +410,7 @@ def load_tokenizer(path=None):
     from tokenizers import Tokenizer
 
     if path is None:
-        from agents.encoders import minilm_model_dir
+        from hybridrag.models.tokenizer import minilm_model_dir
 
         path = minilm_model_dir() / "tokenizer.json"
     tok = Tokenizer.from_file(str(path))
@@ -458,7 +458,7 @@ class TextDiffusionModel:
 
     def fit_document(self, text: str) -> list[int]:
         """Compact ids of the part of ``text`` the document region holds: whole sentences (:func:`fit_sentences`)."""
-        from agents.datasets import split_sentences
+        from hybridrag.models.corpora import split_sentences
 
         sentences = split_sentences(text) or [text]
         return fit_sentences([self.vocab.encode(ids).tolist() for ids in wordpiece(self.tokenizer, sentences)],

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import typer
 from tqdm import tqdm
 
-from models.hybrid_encoder import DEFAULT_CHECKPOINT, Config, HybridEncoder, save_checkpoint, tokenizer_path
+from hybridrag.models.hybrid_encoder import DEFAULT_CHECKPOINT, Config, HybridEncoder, save_checkpoint, tokenizer_path
 
 app = typer.Typer(help="Train models.", no_args_is_help=True)
 
@@ -62,7 +62,7 @@ def teacher_state_dict() -> dict[str, torch.Tensor]:
     """all-MiniLM-L6-v2's BERT weights, read offline from its package."""
     from safetensors.torch import load_file
 
-    from agents.encoders import minilm_model_dir
+    from hybridrag.models.tokenizer import minilm_model_dir
 
     return load_file(str(Path(minilm_model_dir()) / "model.safetensors"))
 
@@ -126,7 +126,7 @@ def fit_output_projection(model: HybridEncoder, ids: Sequence[list[int]], teache
     Mean pooling and the projection are both linear, so pooling first is exact.
     Returns the mean cosine to the teacher after the fit.
     """
-    from models.hybrid_encoder import mean_pool
+    from hybridrag.models.hybrid_encoder import mean_pool
 
     was_training = model.training
     model.eval()
@@ -227,7 +227,7 @@ class Distiller(nn.Module):
 
 
 def data_root() -> Path:
-    from agents.corpora import data_dir
+    from hybridrag.models.corpora import data_dir
 
     return data_dir() / "cache" / "encoder-train"
 
@@ -264,7 +264,7 @@ def teacher_embeddings(strings: Sequence[str], cache_dir: Path, chunk: int = 204
             first_seen.setdefault(k, i)
     todo = list(first_seen.values())
     if todo:
-        from agents.encoders import OriginalEncoder
+        from hybridrag.models.encoders import OriginalEncoder
 
         teacher = OriginalEncoder(device=device)
         teacher.model.max_seq_length = max_len
@@ -306,7 +306,7 @@ def load_training_data(max_texts: int, max_pairs: int, max_len: int, seed: int, 
     """
     from tokenizers import Tokenizer
 
-    from agents import corpora
+    from hybridrag.models import corpora
 
     texts = corpora.training_texts(limit=max_texts + n_val, seed=seed)
     pairs = corpora.training_pairs(limit=max_pairs + n_val + extra_pairs, seed=seed)

@@ -10,17 +10,16 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
 import pytest
 
-from agents.broker import EmbeddedBroker, free_port
+from hybridrag.agents.kafka.broker import EmbeddedBroker, free_port
+from hybridrag.agents.worker_process import health as worker_health
+from hybridrag.agents.worker_process import start_worker, stop_worker, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,7 +47,7 @@ def redis_url():
 @pytest.fixture
 def make_settings(broker, tmp_path, redis_url):
     """Settings for one isolated deployment: its own group, topics, Milvus file and Redis prefix."""
-    from agents.settings import Settings
+    from hybridrag.agents.settings import Settings
 
     def factory(**overrides):
         tag = uuid.uuid4().hex[:10]
@@ -97,43 +96,23 @@ class WorkerProcess:
 
     def start(self, wait: bool = True) -> "WorkerProcess":
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agents.cli", "worker"], cwd=REPO, env=settings_env(self.settings),
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+        self.proc = start_worker(settings_env(self.settings), log, cwd=REPO)
         self.starts.append(time.monotonic())
         if wait:
             self.wait_ready()
         return self
 
     def health(self) -> dict:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.settings.web_port}/health", timeout=2) as r:
-                return orjson.loads(r.read())
-        except Exception:
-            return {}
+        return worker_health(self.settings.web_port)
 
     def wait_ready(self, min_rows: int = 0, timeout_s: float = 120) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            h = self.health()
-            if h.get("status") == "ok" and (h.get("rows") or 0) >= min_rows:
-                return h
-            time.sleep(0.3)
-        raise TimeoutError(f"worker not ready with {min_rows} rows in {timeout_s}s; last {self.health()}\n{self.log_tail()}")
+        assert self.proc is not None
+        return wait_healthy(self.settings.web_port, self.proc, min_rows, timeout_s, explain=self.log_tail)
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        if self.proc is None:
+            return None
+        return stop_worker(self.proc, sig, timeout_s)
 
     def log_tail(self, n: int = 40) -> str:
         try:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 
-from agents.continual import (
+from hybridrag.agents.retention.continual_learner import (
     Example,
     LearnerConfig,
     Replay,
@@ -24,10 +24,10 @@ from agents.continual import (
     run_update_in_subprocess,
     should_promote,
 )
-from agents.memory import DocRecord, MemoryConfig, MemoryManager
-from agents.schemas import GeneratedDocument, RetentionUpdate, decode, encode
-from agents.store import Row, VectorStore
-from models.hybrid_encoder import DEFAULT_CHECKPOINT, HybridEncoderRuntime, load_checkpoint
+from hybridrag.agents.retention.memory_manager import DocRecord, MemoryConfig, MemoryManager
+from hybridrag.agents.kafka.schemas import GeneratedDocument, RetentionUpdate, decode, encode
+from hybridrag.agents.rag.store import Row, VectorStore
+from hybridrag.models.hybrid_encoder import DEFAULT_CHECKPOINT, HybridEncoderRuntime, load_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +133,7 @@ def test_an_update_in_a_subprocess_writes_a_new_loadable_version(small_cfg, redi
     in its own process: the checkpoint exists, loads as the serving runtime, names a new version whose
     parent is the shipped one, has its loss history, and the result is a valid RetentionUpdate whose
     verdict follows the promotion rule."""
-    from agents import corpora
+    from hybridrag.models import corpora
 
     pairs = corpora.training_pairs(limit=25, sources=("chatterbot",), seed=3)
     buf = TrainingBuffer.from_config(small_cfg)

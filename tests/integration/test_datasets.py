@@ -6,7 +6,8 @@ apt-get, npm and pip).
 
 import pytest
 
-from agents import corpora, datasets
+from hybridrag.models import corpora
+from hybridrag.agents.evaluation import datasets
 
 pytestmark = pytest.mark.integration
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import signal
 import uuid
-from pathlib import Path
 
 import orjson
 import pytest
 
-from agents.client import AsyncClient
-from agents.retriever import AdaptiveConfig
-from agents.ingest_files import iter_documents
-from agents.schemas import DeadLetter, Document, Query, encode
+from hybridrag.agents.kafka.client import AsyncClient
+from hybridrag.agents.retention.adaptive_retriever import AdaptiveConfig
+from hybridrag.agents.rag.ingest_files import iter_documents
+from hybridrag.agents.kafka.schemas import DeadLetter, Document, Query, encode
+from hybridrag.agents.settings import RESOURCES
 from tests.conftest import read_topic, run
 
 pytestmark = pytest.mark.integration
-DEMO = Path(__file__).resolve().parents[2] / "agents" / "resources" / "demo"
+DEMO = RESOURCES / "demo"
 
 
 def demo_docs(n: int | None = None) -> list[Document]:

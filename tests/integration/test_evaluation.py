@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from agents import datasets, evaluation
-from agents.encoders import OriginalEncoder
-from agents.eval_cli import app
+from hybridrag.agents.evaluation import datasets
+from hybridrag.agents.evaluation import harness
+from hybridrag.models.encoders import OriginalEncoder
+from hybridrag.agents.cli.eval_cli import app
 
 pytestmark = pytest.mark.integration
 
@@ -31,18 +32,18 @@ def cache_dir(tmp_path_factory):
     """One embedding cache for the module: the slice's corpus is encoded once."""
     path = tmp_path_factory.mktemp("emb")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluation, "embeddings_cache_dir", lambda: path)
+        mp.setattr(harness, "embeddings_cache_dir", lambda: path)
         yield path
 
 
 def test_original_encoder_beats_bm25_and_random_by_a_wide_margin(slice_path, encoder, cache_dir, tmp_path):
     """A reverse dictionary is a semantic task: the dense encoder ranks far above chance."""
     systems = [
-        evaluation.DenseSystem("original", encoder, progress=False),
-        evaluation.BM25System(),
-        evaluation.RandomSystem(),
+        harness.DenseSystem("original", encoder, progress=False),
+        harness.BM25System(),
+        harness.RandomSystem(),
     ]
-    report = evaluation.run_evaluation([str(slice_path)], systems, lee=False, out_path=tmp_path / "eval.json")
+    report = harness.run_evaluation([str(slice_path)], systems, lee=False, out_path=tmp_path / "eval.json")
     (entry,) = report["datasets"].values()
     assert entry["queries"] == 80 and entry["corpus"] == 600
     got = entry["systems"]
@@ -53,31 +54,31 @@ def test_original_encoder_beats_bm25_and_random_by_a_wide_margin(slice_path, enc
     for m in got.values():
         assert m["R@10"] <= m["R@50"] <= m["R@100"]
     assert json.loads((tmp_path / "eval.json").read_text())["datasets"] == report["datasets"]
-    table = evaluation.format_table(report)
+    table = harness.format_table(report)
     assert "original" in table and "1.000" in table
 
 
 def test_corpus_embeddings_are_cached_per_encoder_and_corpus(encoder, cache_dir):
     """The first encode writes the cache; the second reads the same vectors; another corpus misses."""
     docs = [f"passage number {i} about {w}" for i, w in enumerate(["cats", "dogs", "boats", "trains"] * 5)]
-    ds = evaluation.Dataset("tiny", [str(i) for i in range(20)], docs, {}, {}, fingerprint="tiny-v1")
-    v1, cached1 = evaluation.encode_corpus(encoder, ds, progress=False)
-    v2, cached2 = evaluation.encode_corpus(encoder, ds, progress=False)
+    ds = harness.Dataset("tiny", [str(i) for i in range(20)], docs, {}, {}, fingerprint="tiny-v1")
+    v1, cached1 = harness.encode_corpus(encoder, ds, progress=False)
+    v2, cached2 = harness.encode_corpus(encoder, ds, progress=False)
     assert (cached1, cached2) == (False, True)
     np.testing.assert_array_equal(v1, v2)
     assert v1.shape == (20, 384) and v1.dtype == np.float32
     assert (cache_dir / encoder.version / "tiny-tiny-v1.npy").exists()
     ds.fingerprint = "tiny-v2"
-    assert evaluation.encode_corpus(encoder, ds, progress=False)[1] is False
+    assert harness.encode_corpus(encoder, ds, progress=False)[1] is False
 
 
 def test_a_custom_retriever_plugs_in_and_decides_the_ranking(slice_path, encoder, cache_dir):
     """A retriever factory sees the corpus embeddings and the query vectors; its ranking is what gets scored."""
-    ds = evaluation.Dataset.load(str(slice_path))
+    ds = harness.Dataset.load(str(slice_path))
     seen = {}
 
     def reversed_top100(doc_ids, doc_vecs, doc_texts):
-        exact = evaluation.exact_cosine_retriever(doc_ids, doc_vecs, doc_texts)
+        exact = harness.exact_cosine_retriever(doc_ids, doc_vecs, doc_texts)
         seen["corpus"] = doc_vecs.shape
 
         def retrieve(query_texts, query_vecs, k):
@@ -86,10 +87,10 @@ def test_a_custom_retriever_plugs_in_and_decides_the_ranking(slice_path, encoder
 
         return retrieve
 
-    exact = evaluation.evaluate_system(evaluation.DenseSystem("original", encoder, progress=False), ds)
+    exact = harness.evaluate_system(harness.DenseSystem("original", encoder, progress=False), ds)
     assert exact["corpus_cached"] == 1.0  # encoded by the first test
-    flipped = evaluation.evaluate_system(
-        evaluation.DenseSystem("flipped", encoder, retriever_factory=reversed_top100, progress=False), ds
+    flipped = harness.evaluate_system(
+        harness.DenseSystem("flipped", encoder, retriever_factory=reversed_top100, progress=False), ds
     )
     assert seen == {"corpus": (600, 384), "queries": (80, 384)}
     assert flipped["R@100"] == pytest.approx(exact["R@100"])  # same set, worst order
@@ -98,7 +99,7 @@ def test_a_custom_retriever_plugs_in_and_decides_the_ranking(slice_path, encoder
 
 def test_lee_correlation_is_positive_and_strong(encoder):
     """MiniLM's cosine tracks the human ratings of the 50 Lee documents."""
-    c = evaluation.lee_correlation(encoder)
+    c = harness.lee_correlation(encoder)
     assert c["pairs"] == 1225
     assert 0.4 < c["pearson"] < 1 and 0.3 < c["spearman"] < 1
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import redis
 
-from agents.broker import free_port
-from agents.memory import (
+from hybridrag.agents.kafka.broker import free_port
+from hybridrag.agents.retention.memory_manager import (
     DocRecord,
     MemoryConfig,
     MemoryManager,
@@ -27,7 +27,7 @@ from agents.memory import (
     importance_at,
     lfu_score,
 )
-from agents.store import Hit, Row, VectorStore
+from hybridrag.agents.rag.store import Hit, Row, VectorStore
 
 pytestmark = pytest.mark.integration
 DIM = 16

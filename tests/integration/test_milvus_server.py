@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.broker import free_port, wait_for_port
-from agents.client import AsyncClient
+from hybridrag.agents.kafka.broker import free_port, wait_for_port
+from hybridrag.agents.kafka.client import AsyncClient
 from tests.conftest import run
 from tests.integration.test_end_to_end import demo_docs, demo_questions, publish
 
@@ -69,7 +69,7 @@ def test_hubness_on_a_milvus_server_matches_the_exact_value(milvus_server):
     refresh search the server for each row's neighbours, and the partial updates land."""
     import numpy as np
 
-    from agents.store import Row, VectorStore, mean_top_similarity
+    from hybridrag.agents.rag.store import Row, VectorStore, mean_top_similarity
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((150, 16)).astype(np.float32)

@@ -10,8 +10,8 @@ import uuid
 import pytest
 import redis
 
-from agents.broker import free_port
-from agents.memory import DocRecord, MemoryConfig, MemoryManager, MemoryUnavailable
+from hybridrag.agents.kafka.broker import free_port
+from hybridrag.agents.retention.memory_manager import DocRecord, MemoryConfig, MemoryManager, MemoryUnavailable
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from agents.client import AsyncClient
-from agents.encoders import load_encoder
-from agents.chunking import embed_text
-from agents.schemas import RetentionUpdate, decode, encode
-from models.hybrid_encoder import DEFAULT_CHECKPOINT
+from hybridrag.agents.kafka.client import AsyncClient
+from hybridrag.models.encoders import load_encoder
+from hybridrag.agents.rag.chunking import embed_text
+from hybridrag.agents.kafka.schemas import RetentionUpdate, decode, encode
+from hybridrag.models.hybrid_encoder import DEFAULT_CHECKPOINT
 from tests.conftest import read_topic, run
 from tests.integration.test_end_to_end import demo_docs, demo_questions, publish
 

@@ -9,8 +9,8 @@ import threading
 import orjson
 import pytest
 
-from agents.client import AsyncClient
-from agents.schemas import Query
+from hybridrag.agents.kafka.client import AsyncClient
+from hybridrag.agents.kafka.schemas import Query
 from tests.conftest import read_topic, run, settings_env
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ def test_api_key_stays_out_of_logs_dead_letters_and_cli(make_settings, make_work
     settings = make_settings(generator="openai", openai_base_url=f"http://127.0.0.1:{server.server_port}/v1",
                              openai_model="m", openai_api_key=KEY, retry_attempts=1, log_level="debug")
     worker = make_worker(settings)
-    from agents.schemas import Document
+    from hybridrag.agents.kafka.schemas import Document
 
     async def go():
         async with AsyncClient(settings) as c:
@@ -60,6 +60,6 @@ def test_api_key_stays_out_of_logs_dead_letters_and_cli(make_settings, make_work
     worker.stop()
     assert KEY not in worker.log_path.read_text(errors="replace")
     env = settings_env(settings) | {"HYBRIDRAG_KAFKA_SASL_PASSWORD": PASSWORD}
-    out = subprocess.run([sys.executable, "-m", "agents.cli", "settings"], env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "hybridrag.agents.cli.main", "settings"], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "openai_api_key" in out.stdout
     assert KEY not in out.stdout + out.stderr and PASSWORD not in out.stdout + out.stderr

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from agents.store import Row, VectorStore, mean_top_similarity
+from hybridrag.agents.rag.store import Row, VectorStore, mean_top_similarity
 
 pytestmark = pytest.mark.integration
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.quality_filter import FilterConfig, matrix_store_search
-from agents.synthesis import (
-    ExpansionConfig,
+from hybridrag.agents.synthesis.quality_filter import FilterConfig, matrix_store_search
+from hybridrag.agents.synthesis.expansion import ExpansionConfig, expansion_retriever
+from hybridrag.agents.synthesis.synthesizer import (
     SynthesisConfig,
     Synthesizer,
-    expansion_retriever,
     load_prior,
     load_text_model,
     prior_path,
@@ -24,7 +23,7 @@ QUERIES = [("q-1", "compiler"), ("q-2", "what is a hurricane")]
 
 @pytest.fixture(scope="module")
 def encoder():
-    from agents.encoders import OriginalEncoder
+    from hybridrag.models.encoders import OriginalEncoder
 
     return OriginalEncoder()
 

@@ -8,8 +8,8 @@ import time
 import orjson
 import pytest
 
-from agents.client import AsyncClient
-from agents.schemas import Answer, GeneratedDocument, decode, encode
+from hybridrag.agents.kafka.client import AsyncClient
+from hybridrag.agents.kafka.schemas import Answer, GeneratedDocument, decode, encode
 from tests.conftest import read_topic, run
 from tests.integration.test_end_to_end import demo_docs, demo_questions, publish
 

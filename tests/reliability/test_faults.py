@@ -16,13 +16,14 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agents.client import AsyncClient
-from agents.ingest_files import iter_documents
-from agents.schemas import DeadLetter, Document, Query
+from hybridrag.agents.kafka.client import AsyncClient
+from hybridrag.agents.rag.ingest_files import iter_documents
+from hybridrag.agents.kafka.schemas import DeadLetter, Document, Query
+from hybridrag.agents.settings import RESOURCES
 from tests.conftest import read_topic, run
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(1800)]
-DEMO = Path(__file__).resolve().parents[2] / "agents" / "resources" / "demo" / "corpus.jsonl"
+DEMO = RESOURCES / "demo" / "corpus.jsonl"
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "reliability.json"
 
 
@@ -212,7 +213,7 @@ def test_a_batch_longer_than_the_poll_interval_keeps_the_worker_in_its_group(mak
     # 96 documents of ~20 chunks each: one batch of ~2,000 chunks to encode
     big = [Document(doc_id=f"big-{i}", text=" ".join(d.text for d in base[i * 4 : i * 4 + 4]) * 12) for i in range(96)]
     members_before = run(_members(settings))
-    from agents.chunking import chunk_document
+    from hybridrag.agents.rag.chunking import chunk_document
 
     n_chunks = sum(len(chunk_document(d.doc_id, d.text, d.title, 100, 0)) for d in big)
 
@@ -243,8 +244,8 @@ def test_redis_outage_degrades_answers_nothing_and_loses_no_memory_update(make_s
     import shutil
     import subprocess
 
-    from agents.broker import free_port, wait_for_port
-    from agents.memory import MemoryConfig, MemoryManager
+    from hybridrag.agents.kafka.broker import free_port, wait_for_port
+    from hybridrag.agents.retention.memory_manager import MemoryConfig, MemoryManager
 
     port = free_port()
     redis_cmd = [shutil.which("redis-server"), "--port", str(port), "--dir", str(tmp_path), "--appendonly", "yes",

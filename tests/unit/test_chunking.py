@@ -1,6 +1,6 @@
 import pytest
 
-from agents.chunking import chunk_document, chunk_text, embed_text
+from hybridrag.agents.rag.chunking import chunk_document, chunk_text, embed_text
 
 
 def test_windows_overlap_and_cover_every_word():

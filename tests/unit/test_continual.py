@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.continual import (
+from hybridrag.agents.retention.continual_learner import (
     ContinualLoss,
     Example,
     LearnerConfig,
@@ -21,9 +21,9 @@ from agents.continual import (
     replay_split,
     should_promote,
 )
-from agents.schemas import GeneratedDocument, RetentionUpdate, decode, encode
-from models.hybrid_encoder import Config, HybridEncoder
-from models.train_encoder import Batch, pad
+from hybridrag.agents.kafka.schemas import GeneratedDocument, RetentionUpdate, decode, encode
+from hybridrag.models.hybrid_encoder import Config, HybridEncoder
+from hybridrag.models.train_encoder import Batch, pad
 
 
 def test_promotion_rule_allows_a_loss_within_the_tolerance_only():
@@ -157,7 +157,7 @@ def test_a_result_maps_to_a_valid_retention_update():
 
 def test_config_reads_the_settings_and_checks_itself():
     """LearnerConfig.from_settings takes the learner_* fields; nonsense fractions are refused."""
-    from agents.settings import Settings
+    from hybridrag.agents.settings import Settings
 
     s = Settings(learner_steps=7, learner_replay_fraction=0.25, redis_prefix="p1", data_dir="/tmp/d")
     cfg = LearnerConfig.from_settings(s)
@@ -179,7 +179,7 @@ def test_replay_round_trips_through_the_job_file_form():
 def test_paired_interval_brackets_the_mean_change_and_narrows_with_agreement():
     """The canary's 95% interval of the mean change: it contains the observed mean, it is tight when every
     query moves alike, and it spans zero when the changes are symmetric noise."""
-    from agents.continual import paired_interval
+    from hybridrag.agents.retention.continual_learner import paired_interval
 
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 1, 200)

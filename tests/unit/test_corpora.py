@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from agents import corpora
-from agents.corpora import (
+from hybridrag.models import corpora
+from hybridrag.models.corpora import (
     Entry,
     clean_foldoc_markup,
     detokenize_brown,
@@ -18,7 +18,7 @@ from agents.corpora import (
     split_bucket,
     strip_wikitext,
 )
-from agents.datasets import DEMO_DIR, demo_passage, split_sentences
+from hybridrag.agents.evaluation.datasets import DEMO_DIR, demo_passage, split_sentences
 
 DOG = (
     "02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 002 @ 02083346 n 0000 "

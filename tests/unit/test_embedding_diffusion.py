@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.embedding_diffusion import (
+from hybridrag.models.embedding_diffusion import (
     Config,
     EmbeddingDiffusion,
     EmbeddingPrior,

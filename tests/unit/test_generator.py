@@ -1,5 +1,5 @@
-from agents.generator import NO_CONTEXT, ExtractiveGenerator, OpenAIChatGenerator, sentence_support, split_sentences
-from agents.store import Hit
+from hybridrag.agents.rag.generator import NO_CONTEXT, ExtractiveGenerator, OpenAIChatGenerator, sentence_support, split_sentences
+from hybridrag.agents.rag.store import Hit
 
 
 def hit(i, text, score):
@@ -38,7 +38,7 @@ def test_openai_generator_never_shows_its_key():
 
 
 def test_openai_generator_reports_an_unreachable_endpoint_as_transient():
-    from agents.generator import GeneratorError
+    from hybridrag.agents.rag.generator import GeneratorError
 
     g = OpenAIChatGenerator("http://127.0.0.1:9/v1", "m", timeout_s=1)
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.hybrid_encoder import (
+from hybridrag.models.hybrid_encoder import (
     DEFAULT_CHECKPOINT,
     Config,
     Fusion,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.memory import (
+from hybridrag.agents.retention.memory_manager import (
     DocRecord,
     MemoryConfig,
     UsageState,
@@ -20,7 +20,7 @@ from agents.memory import (
     lfu_score,
     query_signature,
 )
-from agents.store import Row
+from hybridrag.agents.rag.store import Row
 
 H = 100.0
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agents.evaluation import (
+from hybridrag.agents.evaluation.harness import (
     evaluate_run,
     mrr_at_k,
     ndcg_at_k,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agents.quality_filter import (
+from hybridrag.agents.synthesis.quality_filter import (
     Candidate,
     FilterConfig,
     cosine_matrix,

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.hybrid_encoder import Config, HybridEncoder
-from models.quantization import (
+from hybridrag.models.hybrid_encoder import Config, HybridEncoder
+from hybridrag.models.quantization import (
     Int8Embedding,
     Int8Linear,
     dequantize_per_channel,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from agents.retriever import (
+from hybridrag.agents.retention.adaptive_retriever import (
     AdaptiveConfig,
     AdaptiveRetriever,
     NumpyIndex,
@@ -25,7 +25,7 @@ from agents.retriever import (
     zscore,
     zscore_cut,
 )
-from agents.store import Hit, mean_top_similarity
+from hybridrag.agents.rag.store import Hit, mean_top_similarity
 
 
 def test_tokenize_drops_stop_words_and_plurals():
@@ -223,7 +223,7 @@ def test_numpy_index_is_exact_cosine():
 
 def test_served_top_k_returns_what_the_service_cites():
     """The eval system for plain top-k: at most top_k ids, none under min_score, whatever depth is asked."""
-    from agents.retriever import served_top_k_factory
+    from hybridrag.agents.retention.adaptive_retriever import served_top_k_factory
 
     vecs = np.eye(6, dtype=np.float32)
     q = unit([1.0, 0.5, 0.1, 0.0, 0.0, 0.0])[None]

@@ -6,7 +6,7 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agents.schemas import Answer, DeadLetter, Document, MessageError, Query, dead_letter, decode, encode
+from hybridrag.agents.kafka.schemas import Answer, DeadLetter, Document, MessageError, Query, dead_letter, decode, encode
 
 LIMITS = dict(max_bytes=10_000, max_text_chars=1_000)
 

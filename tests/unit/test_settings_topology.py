@@ -2,8 +2,8 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 from pydantic import ValidationError
 
-from agents.settings import Settings, settings_table
-from agents.topology import load_topology
+from hybridrag.agents.settings import Settings, settings_table
+from hybridrag.agents.kafka.topology import load_topology
 
 
 def test_every_topic_has_a_dlq_and_the_prefix_applies():
@@ -24,7 +24,7 @@ def test_env_vars_reach_settings(monkeypatch):
 
 
 def test_sasl_settings_reach_aiokafka_and_faust_and_the_password_stays_hidden():
-    from agents.app import faust_settings
+    from hybridrag.agents.kafka.faust_config import faust_settings
 
     s = Settings(kafka_bootstrap_servers="k:9093", kafka_security_protocol="SASL_SSL",
                  kafka_sasl_mechanism="SCRAM-SHA-512", kafka_sasl_username="svc", kafka_sasl_password="hunter2")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models.streaming_attention import full_attention, sliding_window_attention, window_mask
+from hybridrag.models.streaming_attention import full_attention, sliding_window_attention, window_mask
 
 
 def _qkv(B=2, H=3, T=50, D=8, seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.text_diffusion import (
+from hybridrag.models.text_diffusion import (
     CLS,
     MASK,
     N_SPECIAL,

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from models.text_diffusion import Config
-from models.train_diffusion import cosine_lr, ema_update, fits, schedule_progress, select_pairs, text_key
+from hybridrag.models.text_diffusion import Config
+from hybridrag.models.train_diffusion import fits, select_pairs, text_key
+from hybridrag.models.training import cosine_lr, ema_update, schedule_progress
 
 
 def test_select_pairs_takes_already_embedded_pairs_first_and_respects_the_budget():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.hybrid_encoder import Config, HybridEncoder, HybridEncoderRuntime
-from models.train_encoder import (
+from hybridrag.models.hybrid_encoder import Config, HybridEncoder, HybridEncoderRuntime
+from hybridrag.models.train_encoder import (
     Batch,
     Distiller,
     factorise_embedding,
@@ -25,7 +25,7 @@ from models.train_encoder import (
 def test_full_width_student_reproduces_the_teacher():
     """Seeded with all six layers, full rank and the full feed-forward, the student *is* MiniLM:
     its fresh conv block and fusion pass the teacher's features through untouched."""
-    from agents.encoders import OriginalEncoder
+    from hybridrag.models.encoders import OriginalEncoder
 
     texts = ["A man is playing a guitar.", "The stock market fell sharply on Monday morning."]
     student = init_from_teacher(HybridEncoder(Config(n_layers=6, d_ff=1536, embed_rank=384, dropout=0.0)),

@@ -1,0 +1,71 @@
+"""Agent ``answer_queries``: batches of queries are encoded, retrieved, answered and published to ``answers``.
+
+With ``query_overlap`` the next batch is taken while the current one runs
+(:mod:`hybridrag.agents.stream_buffer`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from hybridrag.agents.app import answers_topic, app, queries_topic, settings
+from hybridrag.agents.kafka import metrics
+from hybridrag.agents.kafka.schemas import Query, encode
+from hybridrag.agents.runtime import Runtime, runtime
+from hybridrag.agents.stream_buffer import Overlapped
+from hybridrag.agents.stream_processor import process
+
+log = logging.getLogger("hybridrag")
+
+
+@app.agent(queries_topic, name="answer_queries")
+async def answer_queries(stream):
+    await runtime.ready(app)
+
+    async def answer(events: list) -> None:
+        await process("query", stream, events, lambda items: answer_batch(runtime, items), Query,
+                      settings.max_query_chars)
+
+    takes = stream.noack_take(settings.query_batch_max, within=settings.query_batch_timeout_s)
+    if not settings.query_overlap:
+        async for events in takes:
+            await answer(events)
+        return
+    async with Overlapped(answer, max_batch=settings.query_batch_max) as batches:
+        async for events in takes:
+            await batches.put(events)
+
+
+async def answer_batch(rt: Runtime, items: list) -> None:
+    """Answer a batch of ``(event, Query)``; the answers are durable before the queries are acked."""
+    now = time.time()
+    waits = [max(0.0, (now - ev.message.timestamp) * 1e3) for ev, _ in items]
+    serving = rt.serving  # one encoder and the collection it built, for the whole batch
+    answers_out = await rt.run(serving.query.answer_batch, [q for _, q in items], waits)
+    futures = []
+    for ans in answers_out:
+        futures.append(await answers_topic.send(key=ans.query_id.encode(), value=encode(ans)))
+    await asyncio.gather(*futures)
+    for (ev, _), ans in zip(items, answers_out):
+        metrics.ANSWER_LATENCY.observe(max(0.0, time.time() - ev.message.timestamp))
+    log.info("answered %d queries", len(answers_out), extra={
+        "query_ids": [a.query_id for a in answers_out],
+        "compute_ms": answers_out[0].timings_ms.get("compute") if answers_out else None,
+    })
+    if rt.memory is not None:
+        await rt.run(remember_hits, rt, [(q.query_id, q.text) for _, q in items], answers_out, lane="memory")
+
+
+def remember_hits(rt: Runtime, queries, answers_out) -> None:
+    """Count retrievals and citations per document; idempotent per query id on replay."""
+    from hybridrag.agents.retention.memory_manager import MemoryUnavailable
+
+    for (query_id, text), ans in zip(queries, answers_out):
+        try:
+            rt.memory.record_hits(query_id, ans.sources, query=text)
+        except MemoryUnavailable as exc:
+            # answering goes on; the update is buffered and replayed when Redis is back
+            log.warning("memory manager unavailable, answering continues: %s", exc)
+            metrics.MEMORY_DEGRADED.inc()

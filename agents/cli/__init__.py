@@ -1,0 +1,1 @@
+"""The ``hybridrag`` command line."""

@@ -1,0 +1,1 @@
+"""Kafka plumbing: message schemas, the topology from topics.yaml, admin, client, embedded broker, metrics, logs."""

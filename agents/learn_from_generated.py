@@ -1,0 +1,100 @@
+"""Agent ``learn_from_generated``: generated documents fill the continual learner's buffer; enough of them, an update.
+
+The learner fine-tunes the hybrid encoder (MiniLM is the teacher and the
+fallback) in a subprocess, and publishes its decision, promoted or rejected,
+to ``retention-updates``. Learning is an improvement, never a reason to stop
+the stream: a failure is logged and the records are acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Sequence
+
+from hybridrag.agents.app import app, generated_topic, retention_topic, settings
+from hybridrag.agents.kafka import metrics
+from hybridrag.agents.kafka.schemas import GeneratedDocument, encode
+from hybridrag.agents.runtime import Runtime, runtime
+from hybridrag.agents.stream_processor import ack_all, decode_valid, with_retries
+
+log = logging.getLogger("hybridrag")
+
+
+class Learner:
+    """The learner's state in one worker: its buffer (in Redis) and the update running, if any."""
+
+    def __init__(self, rt: Runtime):
+        self.runtime = rt
+        self.buffer = None
+        self.task: asyncio.Task | None = None
+        self.idle_logged = False
+
+    def active(self) -> bool:
+        """The learner fine-tunes the hybrid encoder; MiniLM is the teacher and the fallback."""
+        rt, s = self.runtime, self.runtime.settings
+        active = s.learner_enabled and rt.serving is not None and rt.serving.encoder_kind == "hybrid"
+        if not active and s.learner_enabled and not self.idle_logged:
+            self.idle_logged = True
+            log.info("continual learner idle: it fine-tunes the hybrid encoder, and this worker serves %s",
+                     rt.encoder.version if rt.encoder else "nothing yet")
+        return active
+
+    def buffer_examples(self, docs) -> int:
+        from hybridrag.agents.retention.continual_learner import LearnerConfig, TrainingBuffer
+
+        if self.buffer is None:
+            self.buffer = TrainingBuffer.from_config(LearnerConfig.from_settings(self.runtime.settings))
+        self.buffer.add(docs)
+        return self.buffer.size()
+
+    async def take(self, events: Sequence) -> None:
+        """Buffer a batch's generated documents; start an update in the background once enough are buffered."""
+        docs = decode_valid(events, GeneratedDocument, self.runtime.settings.max_document_chars)
+        if not docs or not self.active():
+            return
+        size = await with_retries("learner", lambda: self.runtime.run(self.buffer_examples, docs, lane="memory"))
+        if size >= self.runtime.settings.learner_min_examples and (self.task is None or self.task.done()):
+            # in the background: buffered examples are in Redis, so the stream's records can be acked now
+            self.task = asyncio.create_task(self.update())
+
+    async def update(self) -> None:
+        """One update: snapshot the buffer, fine-tune in a subprocess, publish the decision, drop what it used."""
+        from hybridrag.agents.retention.continual_learner import (LearnerConfig, gather_replay,
+                                                                  run_update_in_subprocess)
+
+        rt = self.runtime
+        cfg = LearnerConfig.from_settings(rt.settings)
+        buf = self.buffer
+        serving = rt.serving
+        examples = await rt.run(buf.snapshot, max(cfg.min_examples, 1) * 4, lane="memory")
+        replay = None
+        if rt.memory is not None and cfg.replay_fraction > 0:
+            replay = await rt.run(gather_replay, rt.memory, cfg.replay_pool, serving.store, lane="memory")
+        log.info("continual learner: fine-tuning %s on %d examples", serving.encoder.version, len(examples))
+        result = await run_update_in_subprocess(serving.checkpoint or None, examples, replay, cfg)
+        if result.error:
+            metrics.LEARNER_UPDATES.labels("failed").inc()
+            log.error("continual learner update failed: %s (the examples stay buffered)", result.error)
+            return
+        update = result.to_retention_update()
+        await (await retention_topic.send(key=update.encoder_version.encode(), value=encode(update)))
+        await rt.run(buf.drop, [e.doc_id for e in examples], lane="memory")
+        metrics.LEARNER_UPDATES.labels("promoted" if result.promoted else "rejected").inc()
+        log.info("continual learner: %s %s (%s)", update.kind, update.encoder_version, result.detail)
+
+
+learner = Learner(runtime)
+
+
+@app.agent(generated_topic, name="learn_from_generated")
+async def learn_from_generated(stream):
+    await runtime.ready(app)
+    async for events in stream.noack_take(settings.ingest_batch_max, within=settings.ingest_batch_timeout_s):
+        try:
+            await learner.take(events)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # learning is an improvement, never a reason to stop the stream
+            log.error("continual learner could not buffer %d records: %s: %s", len(events), type(exc).__name__, exc)
+        await ack_all(stream, events)

@@ -1,0 +1,1 @@
+"""Synthetic documents from the diffusion models, their quality filter, and query expansion."""
