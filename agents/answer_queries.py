@@ -55,16 +55,25 @@ async def answer_batch(rt: Runtime, items: list) -> None:
         "compute_ms": answers_out[0].timings_ms.get("compute") if answers_out else None,
     })
     if rt.memory is not None:
-        await rt.run(remember_hits, rt, [(q.query_id, q.text) for _, q in items], answers_out, lane="memory")
+        await rt.run(remember_hits, rt, [(record_position(ev), q.text) for ev, q in items], answers_out,
+                     lane="memory")
+
+
+def record_position(event):
+    """The Kafka position of a query's record, which makes counting its hits idempotent on replay."""
+    from hybridrag.agents.retention.memory_manager import RecordPosition
+
+    msg = event.message
+    return RecordPosition(settings.app_id, msg.topic, msg.partition, msg.offset)
 
 
 def remember_hits(rt: Runtime, queries, answers_out) -> None:
-    """Count retrievals and citations per document; idempotent per query id on replay."""
+    """Count retrievals and citations per document; ``queries`` are (position, text) in offset order per partition."""
     from hybridrag.agents.retention.memory_manager import MemoryUnavailable
 
-    for (query_id, text), ans in zip(queries, answers_out):
+    for (position, text), ans in zip(queries, answers_out):
         try:
-            rt.memory.record_hits(query_id, ans.sources, query=text)
+            rt.memory.record_hits(ans.sources, position=position, query=text)
         except MemoryUnavailable as exc:
             # answering goes on; the update is buffered and replayed when Redis is back
             log.warning("memory manager unavailable, answering continues: %s", exc)

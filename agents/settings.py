@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     memory_capacity_docs: int = _f(0, "Most documents kept; 0 means no limit.")
     memory_capacity_bytes: int = _f(0, "Most chunk-text bytes kept; 0 means no limit.")
     memory_half_life_s: float = _f(604800.0, "Half-life of access counts and recency in the importance score.")
-    memory_query_ttl_s: int = _f(604800, "How long a query id is remembered so replayed hits are not counted twice.")
+    memory_max_patterns: int = _f(50_000, "Most query patterns kept; the least important goes when a new one would exceed it.")
 
     # --- Stores --------------------------------------------------------------
     milvus_uri: str = _f(

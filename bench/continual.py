@@ -144,7 +144,7 @@ def simulate_memory(mem: MemoryManager, encoder, doc_ids: list[str], doc_texts: 
         top = top_k_cosine(vecs, doc_vecs, k)
         for i, (q, row) in enumerate(zip(queries, top)):
             hits = [_Hit(doc_ids[j]) for j in row]
-            mem.record_hits(f"{name}-{i}", hits, query=q, cited=[hits[0].doc_id], now=t0 + span * i / len(queries))
+            mem.record_hits(hits, query=q, cited=[hits[0].doc_id], now=t0 + span * i / len(queries))
         stats[name] = {"queries": len(queries), "distinct_docs_hit": int(len(set(top.ravel().tolist())))}
     return stats
 

@@ -33,7 +33,7 @@ Redis layout, under ``<prefix>:mem:`` (one prefix per deployment):
     z:imp                 sorted set, score = log2 importance + t / half_life
     totals                hash: docs, bytes, queries, queries_hit, accesses, cited,
                           unknown_hits, evicted:<policy>, evicted_bytes
-    q:<query_id>          marker with a TTL: this query's hits were applied (idempotent replay)
+    offsets               hash "<group>/<topic>/<partition>" -> highest offset whose hits were counted
     pat:<sig>, pat:<sig>:docs, z:pat   patterns, their cited documents, their importance
     evicting              hash doc_id -> JSON intent (chunk ids, policy): eviction's write-ahead log
     evict-lock            one evictor at a time across workers
@@ -54,6 +54,13 @@ point loses nothing and leaves nothing dangling.
 Writes (ingest, hits, quality) are also kept in a bounded in-process buffer and
 replayed, in order, before the next call that reaches Redis; replay is safe
 because each of them is idempotent.
+
+**Replays count once.** A query's hits come with the Kafka position of its
+record (:class:`RecordPosition`); the hits script counts them only if the
+offset is above the highest one already counted for that consumer group and
+partition, and raises that mark in the same script (:func:`count_offset` is
+the rule in Python). See :meth:`MemoryManager.record_hits` for why this is
+exact.
 """
 
 from __future__ import annotations
@@ -102,10 +109,9 @@ class MemoryConfig:
     weight_access: float = 1.0  # per (decayed) retrieval
     weight_hit: float = 2.0  # per (decayed) citation in an answer: stronger evidence than retrieval
     weight_recency: float = 1.0  # a document touched now is worth this much before any use
-    query_ttl_s: int = 7 * 86_400  # how long a query id is remembered for idempotent replay
     sample_bytes: int = 1_024  # text kept per document for replay by the continual learner
     pattern_docs: int = 8  # cited documents kept per pattern
-    max_patterns: int = 50_000  # patterns kept (lowest importance trimmed on evict)
+    max_patterns: int = 50_000  # patterns kept: the least important one goes when a new one would exceed this
     buffer_max: int = 10_000  # updates buffered while Redis is down
     socket_timeout_s: float = 2.0  # Redis calls fail fast so the query path never waits long
 
@@ -126,7 +132,7 @@ class MemoryConfig:
             capacity_docs=getattr(s, "memory_capacity_docs", d.capacity_docs),
             capacity_bytes=getattr(s, "memory_capacity_bytes", d.capacity_bytes),
             half_life_s=getattr(s, "memory_half_life_s", d.half_life_s),
-            query_ttl_s=getattr(s, "memory_query_ttl_s", d.query_ttl_s),
+            max_patterns=getattr(s, "memory_max_patterns", d.max_patterns),
         )
 
 
@@ -203,6 +209,31 @@ def query_signature(text: str, max_terms: int = 8) -> str:
             w = w[:-1]
         terms.add(w)
     return " ".join(sorted(terms)[:max_terms])
+
+
+@dataclass(frozen=True)
+class RecordPosition:
+    """Where a query's record sits in Kafka: its consumer group, topic, partition and offset."""
+
+    group: str
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def mark(self) -> str:
+        """The field of the ``offsets`` hash that holds this partition's high-water mark."""
+        return f"{self.group}/{self.topic}/{self.partition}"
+
+
+def count_offset(mark: int | None, offset: int) -> tuple[bool, int | None]:
+    """Whether a record at ``offset`` is counted under high-water ``mark`` (None: nothing counted yet), and the new mark.
+
+    The hits script applies this rule in Lua; tests/integration/test_memory.py checks the two agree.
+    """
+    if mark is not None and offset <= mark:
+        return False, mark
+    return True, offset
 
 
 # ------------------------------------------------------------------ records
@@ -341,20 +372,28 @@ touch_doc(doc, ARGV[1], KEYS[2], KEYS[3], KEYS[4], now, H, tonumber(ARGV[4]), to
 return 1
 """
 
-# KEYS: qmark, totals, zlru, zlfu, zimp, pat, patdocs, zpat, prefix-of-doc-keys is ARGV
-# ARGV: now, H, wa, wh, wr, ttl, doc_key_prefix, signature, query, pattern_docs, n, then n x (doc_id, cited)
+# KEYS: offsets, totals, zlru, zlfu, zimp, pat, patdocs, zpat
+# ARGV: now, H, wa, wh, wr, mark ('' = no position: count), offset, key namespace, signature, query,
+#       pattern_docs, max_patterns, n, then n x (doc_id, cited)
 _LUA_HITS = _LUA_PRELUDE + r"""
-local qmark, totals, zlru, zlfu, zimp = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local offsets, totals, zlru, zlfu, zimp = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now, H = tonumber(ARGV[1]), tonumber(ARGV[2])
 local wa, wh, wr = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if not redis.call('SET', qmark, '1', 'NX', 'EX', tonumber(ARGV[6])) then return 0 end
-local n = tonumber(ARGV[11])
+local ns = ARGV[8]
+if ARGV[6] ~= '' then
+  -- count_offset: a record at or below the partition's mark was counted before
+  local offset = tonumber(ARGV[7])
+  local mark = tonumber(redis.call('HGET', offsets, ARGV[6]))
+  if mark ~= nil and offset <= mark then return 0 end
+  redis.call('HSET', offsets, ARGV[6], ARGV[7])
+end
+local n = tonumber(ARGV[13])
 redis.call('HINCRBY', totals, 'queries', 1)
 if n > 0 then redis.call('HINCRBY', totals, 'queries_hit', 1) end
 local cited_docs = {}
 for i = 0, n - 1 do
-  local doc_id, cited = ARGV[12 + 2 * i], tonumber(ARGV[13 + 2 * i])
-  local doc = ARGV[7] .. doc_id
+  local doc_id, cited = ARGV[14 + 2 * i], tonumber(ARGV[15 + 2 * i])
+  local doc = ns .. 'doc:' .. doc_id
   if redis.call('EXISTS', doc) == 1 then
     touch_doc(doc, doc_id, zlru, zlfu, zimp, now, H, wa, wh, wr, 1, cited, true)
     redis.call('HINCRBY', totals, 'accesses', 1)
@@ -366,19 +405,27 @@ for i = 0, n - 1 do
     redis.call('HINCRBY', totals, 'unknown_hits', 1)
   end
 end
-if ARGV[8] ~= '' then
+if ARGV[9] ~= '' then
   local pat, patdocs, zpat = KEYS[6], KEYS[7], KEYS[8]
   local v = redis.call('HMGET', pat, 'a', 't_ref')
   local tref = num(v[2], now)
   local a = num(v[1], 0) * decay(now - tref, H) + 1
   if now > tref then tref = now end
-  redis.call('HSET', pat, 'a', fmt(a), 't_ref', fmt(tref), 'query', ARGV[9], 'last_seen', fmt(now))
+  redis.call('HSET', pat, 'a', fmt(a), 't_ref', fmt(tref), 'query', ARGV[10], 'last_seen', fmt(now))
   redis.call('HINCRBY', pat, 'count', 1)
   for _, d in ipairs(cited_docs) do redis.call('ZINCRBY', patdocs, 1, d) end
-  local keep = tonumber(ARGV[10])
+  local keep = tonumber(ARGV[11])
   redis.call('ZREMRANGEBYRANK', patdocs, 0, -(keep + 1))
   -- a pattern's importance: decayed query count plus recency, same half-life as documents
-  redis.call('ZADD', zpat, fmt(imp_key(wa * a + wr, tref, H)), ARGV[8])
+  redis.call('ZADD', zpat, fmt(imp_key(wa * a + wr, tref, H)), ARGV[9])
+  -- at most max_patterns: the least important go, with their keys
+  local extra = redis.call('ZCARD', zpat) - tonumber(ARGV[12])
+  if extra > 0 then
+    for _, sig in ipairs(redis.call('ZRANGE', zpat, 0, extra - 1)) do
+      redis.call('DEL', ns .. 'pat:' .. sig, ns .. 'pat:' .. sig .. ':docs')
+    end
+    redis.call('ZREMRANGEBYRANK', zpat, 0, extra - 1)
+  end
 end
 return 1
 """
@@ -547,9 +594,9 @@ class MemoryManager:
 
     def record_hits(
         self,
-        query_id: str,
         hits: Sequence[Any],
         *,
+        position: RecordPosition | None = None,
         query: str = "",
         cited: Iterable[str] | None = None,
         now: float | None = None,
@@ -558,8 +605,24 @@ class MemoryManager:
 
         ``cited`` names the documents (doc ids or chunk ids) its answer cited;
         ``None`` means all of ``hits``. An empty ``hits`` counts a query with no
-        confident context. Replaying the same ``query_id`` changes nothing
-        (remembered for ``query_ttl_s``). Returns whether it was applied now.
+        confident context. ``position`` is the Kafka position of the query's
+        record: a record at or below its partition's high-water mark is a
+        replay and changes nothing; without a position the hits always count.
+        Returns whether they were counted now.
+
+        Why a high-water offset per (group, topic, partition) and not a marker
+        per query: the state is O(partitions) whatever the traffic, and it
+        changes in the same script as the counts, so the two cannot disagree.
+        It is exact because Kafka orders the replays for us: a worker records
+        one partition's hits in offset order (one memory lane, batches in
+        order), and acks a record only after its hits are recorded, so a new
+        owner after a rebalance starts at or below the first offset nobody
+        counted, and of two owners replaying the same offsets, whichever
+        reaches one first counts it and the other skips it. A time window
+        instead would grow with the query rate and count twice any replay
+        older than itself. Not exact: hits buffered during a Redis outage by a
+        worker that then lost the partition, replayed after the new owner
+        counted later offsets of it; those are skipped (counted less, never twice).
         """
         now = time.time() if now is None else now
         H, wa, wh, wr = self._weights
@@ -574,16 +637,22 @@ class MemoryManager:
             docs[d] = int(d in cited_docs)
         sig = query_signature(query) if query else ""
         keys = [
-            self._k(f"q:{query_id}"), self._k("totals"), self._k("z:lru"), self._k("z:lfu"), self._k("z:imp"),
+            self._k("offsets"), self._k("totals"), self._k("z:lru"), self._k("z:lfu"), self._k("z:imp"),
             self._k(f"pat:{sig}"), self._k(f"pat:{sig}:docs"), self._k("z:pat"),
         ]
         args: list = [
-            repr(now), repr(H), repr(wa), repr(wh), repr(wr), int(self.config.query_ttl_s), self._doc(""), sig,
-            query[:1000], self.config.pattern_docs, len(docs),
+            repr(now), repr(H), repr(wa), repr(wh), repr(wr),
+            position.mark if position else "", position.offset if position else 0, self.ns, sig,
+            query[:1000], self.config.pattern_docs, self.config.max_patterns, len(docs),
         ]
         for d, c in docs.items():
             args += [d, c]
         return bool(self._call(lambda: self._hits(keys=keys, args=args), buffer=True))
+
+    def offset_marks(self) -> dict[str, int]:
+        """The high-water offset counted per ``<group>/<topic>/<partition>``."""
+        raw = self._call(lambda: self.client.hgetall(self._k("offsets")))
+        return {k.decode(): int(v) for k, v in raw.items()}
 
     def record_synthetic_quality(self, doc_id: str, quality: float, now: float | None = None) -> bool:
         """Set the generation quality (in [0, 1]) of a synthetic document; False if it has no record."""
@@ -653,7 +722,6 @@ class MemoryManager:
             self._apply_intents(store, {d: json.loads(v) for d, v in intents.items()})
             order = [d for d, _, _ in victims]
             log.info("memory: evicted %d documents by %s", len(order), policy)
-            self._trim_patterns()
             return order
         finally:
             self._unlock(keys=[lock], args=[token])
@@ -684,19 +752,6 @@ class MemoryManager:
         self._apply_intents(store, intents)
         log.warning("memory: finished %d interrupted evictions", len(intents))
         return len(intents)
-
-    def _trim_patterns(self) -> int:
-        zpat = self._k("z:pat")
-        extra = self.client.zcard(zpat) - self.config.max_patterns
-        if extra <= 0:
-            return 0
-        sigs = [m.decode() for m in self.client.zrange(zpat, 0, extra - 1)]
-        pipe = self.client.pipeline(transaction=True)
-        for s in sigs:
-            pipe.delete(self._k(f"pat:{s}"), self._k(f"pat:{s}:docs"))
-        pipe.zrem(zpat, *sigs)
-        pipe.execute()
-        return len(sigs)
 
     # -------------------------------------------------------------- reads
 

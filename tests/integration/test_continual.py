@@ -95,10 +95,10 @@ def test_replay_comes_from_the_memory_managers_important_real_documents(redis_ur
             def __init__(self, d):
                 self.doc_id = d
 
-        mem.record_hits("q1", [H("tcp"), H("udp"), H("synthetic-1")], query="which protocol is reliable",
+        mem.record_hits([H("tcp"), H("udp"), H("synthetic-1")], query="which protocol is reliable",
                         cited=["tcp"], now=now + 1)
-        mem.record_hits("q3", [H("tcp")], query="reliable transport protocol", cited=["tcp"], now=now + 1.5)
-        mem.record_hits("q2", [H("dns"), H("synthetic-1")], query="what maps names", cited=["dns"], now=now + 2)
+        mem.record_hits([H("tcp")], query="reliable transport protocol", cited=["tcp"], now=now + 1.5)
+        mem.record_hits([H("dns"), H("synthetic-1")], query="what maps names", cited=["dns"], now=now + 2)
         assert store.texts(["dns", "nope"]) == {"dns": "DNS maps names to addresses."}
 
         replay = gather_replay(mem, 10, store=store, recent=1)

@@ -6,6 +6,7 @@ collection. Clocks are passed explicitly, so the orders are exact.
 
 from __future__ import annotations
 
+import random
 import subprocess
 import threading
 import time
@@ -21,8 +22,10 @@ from hybridrag.agents.retention.memory_manager import (
     MemoryConfig,
     MemoryManager,
     MemoryUnavailable,
+    RecordPosition,
     UsageState,
     apply_event,
+    count_offset,
     importance,
     importance_at,
     lfu_score,
@@ -92,8 +95,8 @@ def test_lru_evicts_least_recently_touched(store, make_memory):
     for three, LRU evicts b then d: the untouched ones, oldest first."""
     m = make_memory(policy="lru", capacity_docs=3)
     index(store, m, {"a": 2, "b": 1, "c": 1, "d": 3, "e": 1})
-    m.record_hits("q1", [hit("a")], now=1010)
-    m.record_hits("q2", [hit("c")], now=1011)
+    m.record_hits([hit("a")], now=1010)
+    m.record_hits([hit("c")], now=1011)
     assert m.eviction_order() == ["b", "d", "e", "a", "c"]
     assert m.evict(store) == ["b", "d"]
     assert stored_docs(store) == {"a", "c", "e"}
@@ -109,7 +112,7 @@ def test_lfu_evicts_least_frequently_used_oldest_first(store, make_memory):
     m = make_memory(policy="lfu", capacity_docs=2)
     index(store, m, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1})
     for i, docs in enumerate([["a", "b", "d"], ["a", "d"], ["a"]]):
-        m.record_hits(f"q{i}", [hit(d) for d in docs], now=1100 + i)
+        m.record_hits([hit(d) for d in docs], now=1100 + i)
     assert m.evict(store) == ["c", "e", "b"]
     assert stored_docs(store) == {"a", "d"}
     assert m.stats()["evictions"] == {"lru": 0, "lfu": 3, "importance": 0}
@@ -127,10 +130,10 @@ def test_importance_weighs_citations_decay_and_quality(store, make_memory):
     index(store, m, {"old": 1, "fresh": 1, "cited": 1})
     index(store, m, {"synth_good": 1, "synth_bad": 1}, t0=1000 + 10 * H, quality={"synth_good": 0.9, "synth_bad": 0.1})
     for i in range(4):
-        m.record_hits(f"old{i}", [hit("old")], now=1000)
+        m.record_hits([hit("old")], now=1000)
     now = 1000 + 10 * H + 5
-    m.record_hits("f", [hit("fresh")], cited=[], now=now)
-    m.record_hits("c", [hit("cited")], now=now)
+    m.record_hits([hit("fresh")], cited=[], now=now)
+    m.record_hits([hit("cited")], now=now)
     order = m.eviction_order()
     assert order == ["old", "synth_bad", "synth_good", "fresh", "cited"]
     # the stored order is the order of the importances the pure functions give
@@ -158,8 +161,8 @@ def test_redis_state_matches_the_scoring_functions(make_memory):
     H = 600.0
     m = make_memory(half_life_s=H, weight_access=1.0, weight_hit=2.0, weight_recency=0.5)
     m.record_ingest([DocRecord("s", 1, 10, synthetic=True, quality=0.7)], now=100)
-    m.record_hits("q1", [hit("s")], now=400)
-    m.record_hits("q2", [hit("s")], cited=[], now=1000)
+    m.record_hits([hit("s")], now=400)
+    m.record_hits([hit("s")], cited=[], now=1000)
     m.record_synthetic_quality("s", 0.4, now=1300)
     s = UsageState(t_ref=100)
     s = apply_event(s, 100, H, touch=True)
@@ -176,21 +179,29 @@ def test_redis_state_matches_the_scoring_functions(make_memory):
     assert importance_at(m.client.zscore(m.ns + "z:imp", "s"), 1300, H) == pytest.approx(expected)
 
 
+def at(partition: int, offset: int, group: str = "g") -> RecordPosition:
+    return RecordPosition(group, "queries", partition, offset)
+
+
 def test_replayed_hits_count_once(make_memory):
-    """The same query id applied again, sequentially or from eight threads at once,
-    counts once: accesses, hits, patterns and the hit rate."""
+    """Hits come with their record's Kafka position. The same record applied again,
+    sequentially or from eight threads at once, counts once, and so does an older
+    offset of the same partition; the bookkeeping is one mark per partition."""
     m = make_memory()
     m.record_ingest([DocRecord("a", 1, 10), DocRecord("b", 1, 10)], now=0)
-    assert m.record_hits("q1", [hit("a"), hit("a", 1), hit("b")], query="What is a cache?", cited=["a#1"], now=5)
-    assert not m.record_hits("q1", [hit("a"), hit("b")], query="What is a cache?", now=6)
+    assert m.record_hits([hit("a"), hit("a", 1), hit("b")], position=at(0, 10), query="What is a cache?",
+                         cited=["a#1"], now=5)
+    assert not m.record_hits([hit("a"), hit("b")], position=at(0, 10), query="What is a cache?", now=6)
+    assert not m.record_hits([hit("a")], position=at(0, 4), query="What is a cache?", now=6)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(m.record_hits("q2", [hit("b")], now=7))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: results.append(m.record_hits([hit("b")], position=at(1, 0), now=7)))
+               for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert sorted(results) == [False] * 7 + [True]
-    m.record_hits("q3", [], query="nothing matches", now=8)
+    m.record_hits([], position=at(0, 11), query="nothing matches", now=8)
     docs = {d.doc_id: d for d in m.top_important(2, now=8)}
     assert (docs["a"].accesses, docs["a"].hits) == (1, 1)  # two chunks of a: one access
     assert (docs["b"].accesses, docs["b"].hits) == (2, 1)  # q1 (not cited) and q2 (cited: default)
@@ -201,6 +212,47 @@ def test_replayed_hits_count_once(make_memory):
     assert set(pats) == {"cache", "match nothing"}
     assert (pats["cache"].count, pats["cache"].doc_ids, pats["cache"].query) == (1, ["a"], "What is a cache?")
     assert pats["match nothing"].doc_ids == []
+    assert m.offset_marks() == {"g/queries/0": 11, "g/queries/1": 0}
+    # another consumer group has a mark of its own
+    assert m.record_hits([hit("a")], position=at(0, 10, group="other"), now=9)
+
+
+def test_two_owners_of_a_partition_count_each_offset_once(make_memory):
+    """A rebalance moves a partition while its old owner still answers the queries it had
+    queued: it counted and acked offsets 0-119 (so the group committed 120), the new owner
+    starts at 120 and goes on to 199, and the old one still answers 120-159. Interleaved at
+    random, every offset's hits count exactly once, Redis decides as count_offset does, and
+    the bookkeeping stays one key however many queries go through."""
+    m = make_memory()
+    m.record_ingest([DocRecord("a", 1, 10)], now=0)
+    rng = random.Random(5)
+    old, new = list(range(120, 160)), list(range(120, 200))
+    order = [("old", o) for o in range(120)]
+    while old or new:
+        side = old if (old and (not new or rng.random() < 0.5)) else new
+        order.append(("old" if side is old else "new", side.pop(0)))
+    mark, counted = None, []
+    for _, offset in order:
+        expected, mark = count_offset(mark, offset)
+        assert m.record_hits([hit("a")], position=at(2, offset), now=1) == expected
+        if expected:
+            counted.append(offset)
+    assert counted == list(range(200))
+    assert m.stats()["queries"] == 200
+    assert sorted(k.decode() for k in m.client.keys(m.ns + "*")) == sorted(
+        m.ns + k for k in ("doc:a", "z:lru", "z:lfu", "z:imp", "totals", "offsets"))
+
+
+def test_patterns_stay_within_their_bound(make_memory):
+    """More distinct query patterns than ``max_patterns``: the least important go, with their keys."""
+    m = make_memory(max_patterns=3)
+    m.record_ingest([DocRecord("a", 1, 10)], now=0)
+    for i, word in enumerate(["alpha", "beta", "gamma", "delta", "epsilon"]):
+        for _ in range(5 - i):  # alpha asked most, epsilon least, all at the same time
+            m.record_hits([hit("a")], query=f"what is {word}", now=10)
+    assert m.stats()["patterns"] == 3
+    assert {p.signature for p in m.top_patterns(10, now=10)} == {"alpha", "beta", "gamma"}
+    assert not m.client.exists(m.ns + "pat:epsilon", m.ns + "pat:epsilon:docs")
 
 
 class CrashingStore:
@@ -286,17 +338,17 @@ def test_auth_url_and_an_outage_buffer_then_replay(spare_redis):
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     for wrong in (f"redis://:not-{password}@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0"):
         with pytest.raises(MemoryUnavailable, match="authentication") as err:
-            MemoryManager(MemoryConfig(redis_url=wrong, prefix="p")).record_hits("q0", [], now=0)
+            MemoryManager(MemoryConfig(redis_url=wrong, prefix="p")).record_hits([], now=0)
         assert not err.value.buffered
     m = MemoryManager(MemoryConfig(redis_url=url, prefix="p", socket_timeout_s=0.5))
     m.record_ingest([DocRecord("a", 1, 10)], now=0)
     procs[0].terminate()
     procs[0].wait(10)
     with pytest.raises(MemoryUnavailable) as err:
-        m.record_hits("q1", [hit("a")], now=1)
+        m.record_hits([hit("a")], now=1)
     assert err.value.buffered
     with pytest.raises(MemoryUnavailable):
-        m.record_hits("q2", [hit("a")], now=2)
+        m.record_hits([hit("a")], now=2)
     with pytest.raises(MemoryUnavailable) as err:
         m.stats()
     assert not err.value.buffered

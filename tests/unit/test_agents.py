@@ -129,6 +129,23 @@ async def test_answer_queries_publishes_one_answer_per_query(monkeypatch, settin
     assert decode(Answer, answers.records[0][1], max_bytes=1 << 20).answer.startswith("about question")
 
 
+async def test_answer_queries_hands_each_records_kafka_position_to_the_memory(monkeypatch, settings, sent):
+    """The memory manager counts a query's hits under its record's (group, topic, partition, offset),
+    in offset order: that position is what makes a replayed record count once."""
+    rt = FakeRuntime(settings)
+    recorded = []
+    rt.memory = SimpleNamespace(record_hits=lambda hits, position=None, query="": recorded.append((position, query)))
+    use(monkeypatch, answer_queries, rt)
+    async with answer_queries.answer_queries.test_context() as agent:
+        for i in range(3):
+            await agent.put(encode(Query(query_id=f"q{i}", text=f"question {i}")), key=f"q{i}".encode(), wait=False)
+        await until(lambda: len(recorded) == 3)
+    assert [q for _, q in recorded] == ["question 0", "question 1", "question 2"]
+    assert [p.offset for p, _ in recorded] == sorted(p.offset for p, _ in recorded)
+    assert len({p.offset for p, _ in recorded}) == 3
+    assert {(p.group, p.topic) for p, _ in recorded} == {(settings.app_id, app.topology["queries"].name)}
+
+
 async def test_answer_queries_dead_letters_a_query_that_keeps_failing(monkeypatch, settings, sent):
     """A query the pipeline cannot answer is dead-lettered as a processing error, not lost or retried forever."""
     rt = FakeRuntime(settings)
