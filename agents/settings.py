@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     )
     app_id: str = _f("hybridrag", "Faust app id, which is also the consumer group id.")
     topic_prefix: str = _f("", "Prefix added to every topic name in topics.yaml (one deployment per prefix).")
-    replication_factor: int = _f(1, "Replication factor for created topics (3 on a production cluster).")
+    replication_factor: int = _f(1, "Replication factor for created topics (3 on a production cluster).", ge=1)
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = _f(
         "PLAINTEXT", "Kafka security protocol."
     )
@@ -51,42 +51,42 @@ class Settings(BaseSettings):
     kafka_sasl_username: str = _f("", "SASL username.")
     kafka_sasl_password: SecretStr = _f(SecretStr(""), "SASL password (never logged).")
     kafka_ssl_cafile: str = _f("", "CA bundle to verify the brokers' certificates (SSL, SASL_SSL).")
-    kafka_session_timeout_s: float = _f(30.0, "Consumer group session timeout.")
-    kafka_rebalance_timeout_s: float = _f(30.0, "Consumer group rebalance timeout; group joins wait for it.")
-    kafka_heartbeat_interval_s: float = _f(3.0, "Consumer heartbeat interval.")
-    kafka_commit_interval_s: float = _f(1.0, "How often acked offsets are committed.")
-    kafka_fetch_max_wait_ms: int = _f(20, "Longest a fetch waits at the broker for data; bounds the latency of each hop.")
-    kafka_max_poll_interval_s: float = _f(300.0, "Longest gap between polls before the broker evicts a consumer.")
+    kafka_session_timeout_s: float = _f(30.0, "Consumer group session timeout.", gt=0)
+    kafka_rebalance_timeout_s: float = _f(30.0, "Consumer group rebalance timeout; group joins wait for it.", gt=0)
+    kafka_heartbeat_interval_s: float = _f(3.0, "Consumer heartbeat interval.", gt=0)
+    kafka_commit_interval_s: float = _f(1.0, "How often acked offsets are committed.", gt=0)
+    kafka_fetch_max_wait_ms: int = _f(20, "Longest a fetch waits at the broker for data; bounds the latency of each hop.", ge=0)
+    kafka_max_poll_interval_s: float = _f(300.0, "Longest gap between polls before the broker evicts a consumer.", gt=0)
 
     # --- Micro-batching (the design's StreamBuffer) ---------------------------
-    query_batch_max: int = _f(64, "Most queries answered in one batch (stream.take max).")
-    query_batch_timeout_s: float = _f(0.05, "Longest a query waits for its batch to fill (stream.take within).")
+    query_batch_max: int = _f(64, "Most queries answered in one batch (stream.take max).", ge=1)
+    query_batch_timeout_s: float = _f(0.05, "Longest a query waits for its batch to fill (stream.take within).", ge=0)
     query_overlap: bool = _f(True, "Keep taking queries while a batch computes; a queued query joins the next batch "
                              "as soon as the model is free instead of after another timeout (agents/stream_buffer.py).")
-    ingest_batch_max: int = _f(256, "Most documents encoded in one batch.")
-    ingest_batch_timeout_s: float = _f(0.5, "Longest a document waits for its batch to fill.")
+    ingest_batch_max: int = _f(256, "Most documents encoded in one batch.", ge=1)
+    ingest_batch_timeout_s: float = _f(0.5, "Longest a document waits for its batch to fill.", ge=0)
 
     # --- Input limits --------------------------------------------------------
-    max_message_bytes: int = _f(1_048_576, "Largest record accepted on any topic; larger goes to the DLQ.")
-    max_query_chars: int = _f(2_000, "Longest query text accepted.")
-    max_document_chars: int = _f(200_000, "Longest document text accepted.")
-    max_top_k: int = _f(20, "Most sources a query may ask for.")
+    max_message_bytes: int = _f(1_048_576, "Largest record accepted on any topic; larger goes to the DLQ.", ge=1)
+    max_query_chars: int = _f(2_000, "Longest query text accepted.", ge=1)
+    max_document_chars: int = _f(200_000, "Longest document text accepted.", ge=1)
+    max_top_k: int = _f(20, "Most sources a query may ask for.", ge=1)
 
     # --- Models --------------------------------------------------------------
     encoder: Literal["hybrid", "original"] = _f("original", "Encoder for queries and documents.")
     encoder_checkpoint: str = _f("", "Hybrid encoder checkpoint; empty means the shipped default.")
-    device: str = _f("cpu", "Torch device for the models (cpu, cuda).")
-    torch_threads: int = _f(0, "Torch intra-op threads; 0 leaves torch's default.")
-    chunk_size: int = _f(120, "Words per chunk when indexing documents.")
-    chunk_overlap: int = _f(20, "Words shared by consecutive chunks.")
+    device: str = _f("cpu", "Torch device for the models (cpu, cuda).", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
+    torch_threads: int = _f(0, "Torch intra-op threads; 0 leaves torch's default.", ge=0)
+    chunk_size: int = _f(120, "Words per chunk when indexing documents.", ge=1)
+    chunk_overlap: int = _f(20, "Words shared by consecutive chunks.", ge=0)
 
     # --- Retrieval and generation ---------------------------------------------
-    top_k: int = _f(5, "Sources per answer unless the query asks for another number.")
-    min_score: float = _f(0.2, "Sources below this cosine similarity are not cited.")
+    top_k: int = _f(5, "Sources per answer unless the query asks for another number.", ge=1)
+    min_score: float = _f(0.2, "Sources below this cosine similarity are not cited.", ge=-1, le=1)
     generator: Literal["extractive", "openai"] = _f(
         "extractive", "Answer generator: extractive (embedded) or an OpenAI-compatible endpoint."
     )
-    extractive_sentences: int = _f(3, "Sentences the extractive generator quotes.")
+    extractive_sentences: int = _f(3, "Sentences the extractive generator quotes.", ge=1)
     openai_base_url: str = _f(
         "http://127.0.0.1:8000/v1", "Base URL of an OpenAI-compatible chat endpoint (vLLM, llama.cpp, Ollama).",
         "OPENAI_BASE_URL", "HYBRIDRAG_OPENAI_BASE_URL",
@@ -95,64 +95,77 @@ class Settings(BaseSettings):
     openai_api_key: SecretStr = _f(
         SecretStr(""), "API key for the chat endpoint (never logged).", "OPENAI_API_KEY", "HYBRIDRAG_OPENAI_API_KEY"
     )
-    openai_timeout_s: float = _f(30.0, "Timeout of one chat completion.")
+    openai_timeout_s: float = _f(30.0, "Timeout of one chat completion (the whole request).", gt=0)
+    openai_api: Literal["chat", "completions"] = _f(
+        "chat", "chat: /chat/completions with a system prompt; completions: /completions with a plain prompt ending "
+        "in 'Answer:', for a base model (gemma-3-270m).")
+    openai_max_tokens: int = _f(256, "Longest answer the endpoint may write.", ge=1)
+    openai_concurrency: int = _f(8, "Most chat requests a worker has in flight at once; a batch's go out together.",
+                                 ge=1, le=1024)
+    openai_retries: int = _f(2, "Retries of one chat request on a transient error (connection, timeout, 429, 5xx), "
+                             "with jittered backoff.", ge=0, le=10)
+    openai_cooldown_s: float = _f(10.0, "After a request fails its retries, answer without the endpoint this long "
+                                  "before trying it again.", ge=0)
+    generator_fallback: Literal["extractive", "wait"] = _f(
+        "extractive", "When the chat endpoint is down: extractive answers at once (generator: extractive-fallback), "
+        "or wait: the batch stays unacked and is retried until the endpoint is back.")
 
     retriever: Literal["topk", "adaptive"] = _f(
         "topk", "Retriever: plain top-k, or adaptive (coarse top-50, fine re-score, per-query threshold)."
     )
-    retriever_coarse_k: int = _f(50, "Adaptive: candidates the coarse stage takes from the store.")
-    retriever_max_hits: int = _f(5, "Adaptive: most sources kept after the threshold.")
+    retriever_coarse_k: int = _f(50, "Adaptive: candidates the coarse stage takes from the store.", ge=1)
+    retriever_max_hits: int = _f(5, "Adaptive: most sources kept after the threshold.", ge=1)
     retriever_fine: Literal["hubness", "bm25", "dense"] = _f(
         "hubness", "Adaptive: fine signal (cosine less its hubness, cosine blended with BM25, or cosine alone).")
-    retriever_hubness_weight: float = _f(0.25, "Adaptive: beta in the hubness signal, cosine - beta * hubness.")
+    retriever_hubness_weight: float = _f(0.25, "Adaptive: beta in the hubness signal, cosine - beta * hubness.", ge=0)
     retriever_query_bank_weight: float = _f(
-        0.5, "Adaptive: gamma in the hubness signal, the weight of a passage's density among the queries served.")
-    retriever_query_bank_k: int = _f(10, "Adaptive: nearest served queries whose mean cosine is that density.")
-    retriever_query_bank_size: int = _f(1000, "Adaptive: most recent query vectors each worker keeps per tenant.")
-    retriever_bm25_weight: float = _f(0.1, "Adaptive: weight of BM25 in the fine blend of z-scores.")
+        0.5, "Adaptive: gamma in the hubness signal, the weight of a passage's density among the queries served.", ge=0)
+    retriever_query_bank_k: int = _f(10, "Adaptive: nearest served queries whose mean cosine is that density.", ge=1)
+    retriever_query_bank_size: int = _f(1000, "Adaptive: most recent query vectors each worker keeps per tenant.", ge=1)
+    retriever_bm25_weight: float = _f(0.1, "Adaptive: weight of BM25 in the fine blend of z-scores.", ge=0, le=1)
     retriever_threshold: Literal["margin", "zscore", "gap", "none"] = _f("margin", "Adaptive: the per-query threshold rule.")
-    retriever_margin: float = _f(3.0, "Adaptive: margin rule keeps fine >= top - margin * std of this query's scores.")
+    retriever_margin: float = _f(3.0, "Adaptive: margin rule keeps fine >= top - margin * std of this query's scores.", ge=0)
     retriever_z: float = _f(1.0, "Adaptive: zscore rule keeps candidates at least this many std above this query's mean.")
     retriever_confidence_z: float = _f(3.0, "Adaptive: no confident context when the top's z-score is below this ...")
-    retriever_min_cosine: float = _f(0.3, "Adaptive: ... and its cosine is below this too.")
+    retriever_min_cosine: float = _f(0.3, "Adaptive: ... and its cosine is below this too.", ge=-1, le=1)
 
     expand: bool = _f(False, "Search with the query blended with embedding-prior samples (HyDE-style; needs a prior for the encoder).")
-    expand_k: int = _f(4, "Expansion: generated document embeddings per query.")
-    expand_weight: float = _f(0.5, "Expansion: weight of the mean generated embedding in the blend.")
-    expand_steps: int = _f(10, "Expansion: DDIM steps of the embedding prior.")
-    expand_guidance: float = _f(1.0, "Expansion: classifier-free guidance scale.")
+    expand_k: int = _f(4, "Expansion: generated document embeddings per query.", ge=1)
+    expand_weight: float = _f(0.5, "Expansion: weight of the mean generated embedding in the blend.", ge=0, le=1)
+    expand_steps: int = _f(10, "Expansion: DDIM steps of the embedding prior.", ge=1)
+    expand_guidance: float = _f(1.0, "Expansion: classifier-free guidance scale.", ge=0)
     expand_gate: float = _f(0.0, "Expansion: expand only queries whose samples agree at least this much (0: always).")
 
     # --- Synthesizer (diffusion models, beside the answer path) -----------------
     synth_sample_rate: float = _f(
-        0.05, "Share of queries the synthesizer writes documents for; 0 turns it off. It never delays an answer."
+        0.05, "Share of queries the synthesizer writes documents for; 0 turns it off. It never delays an answer.", ge=0, le=1
     )
-    synth_samples: int = _f(2, "Samples per model for each sampled query.")
-    synth_text_steps: int = _f(32, "Sampling steps of the text diffusion model.")
+    synth_samples: int = _f(2, "Samples per model for each sampled query.", ge=1)
+    synth_text_steps: int = _f(32, "Sampling steps of the text diffusion model.", ge=1)
     synth_strength: float = _f(
-        0.5, "Share of a retrieved passage the text model masks and rewrites toward the query (1: from scratch)."
+        0.5, "Share of a retrieved passage the text model masks and rewrites toward the query (1: from scratch).", gt=0, le=1
     )
-    synth_prior_steps: int = _f(10, "DDIM steps of the embedding prior.")
-    synth_guidance: float = _f(1.0, "Classifier-free guidance scale of the embedding prior.")
-    synth_min_query_similarity: float = _f(0.25, "Quality filter: samples less similar than this to their query are dropped.")
-    synth_batch_max: int = _f(8, "Most sampled queries synthesized in one batch.")
-    synth_batch_timeout_s: float = _f(2.0, "Longest a sampled query waits for its synthesis batch.")
+    synth_prior_steps: int = _f(10, "DDIM steps of the embedding prior.", ge=1)
+    synth_guidance: float = _f(1.0, "Classifier-free guidance scale of the embedding prior.", ge=0)
+    synth_min_query_similarity: float = _f(0.25, "Quality filter: samples less similar than this to their query are dropped.", ge=-1, le=1)
+    synth_batch_max: int = _f(8, "Most sampled queries synthesized in one batch.", ge=1)
+    synth_batch_timeout_s: float = _f(2.0, "Longest a sampled query waits for its synthesis batch.", ge=0)
     synth_index: bool = _f(True, "Index kept synthetic text documents (synthetic=true, never cited).")
 
     # --- Continual learner and re-indexing ---------------------------------------
     learner_enabled: bool = _f(True, "Fine-tune the hybrid encoder on generated documents (only when encoder=hybrid).")
-    learner_min_examples: int = _f(256, "Buffered generated documents that trigger one fine-tuning update.")
+    learner_min_examples: int = _f(256, "Buffered generated documents that trigger one fine-tuning update.", ge=1)
     # 120 steps at 2e-4 is what bench/continual.py measures; 60 at 5e-5 moved the encoder too little to measure
-    learner_steps: int = _f(120, "Optimizer steps per update.")
-    learner_batch_size: int = _f(16, "Examples per micro-batch.")
-    learner_grad_accum: int = _f(4, "Micro-batches accumulated into one optimizer step.")
-    learner_lr: float = _f(2e-4, "Learning rate of an update.")
-    learner_replay_fraction: float = _f(0.5, "Share of each batch replayed from important past documents (limits forgetting).")
+    learner_steps: int = _f(120, "Optimizer steps per update.", ge=1)
+    learner_batch_size: int = _f(16, "Examples per micro-batch.", ge=1)
+    learner_grad_accum: int = _f(4, "Micro-batches accumulated into one optimizer step.", ge=1)
+    learner_lr: float = _f(2e-4, "Learning rate of an update.", gt=0)
+    learner_replay_fraction: float = _f(0.5, "Share of each batch replayed from important past documents (limits forgetting).", ge=0, le=1)
     learner_canary_dataset: str = _f("wordnet-revdict", "Held-out set the canary score comes from.")
-    learner_canary_queries: int = _f(200, "Canary queries scored before a promotion.")
-    learner_canary_tolerance: float = _f(0.01, "Most canary nDCG@10 a new version may lose and still be promoted.")
-    reindex_batch: int = _f(256, "Rows re-encoded per slice when a promoted encoder rebuilds the collection.")
-    alias_poll_s: float = _f(10.0, "How often a worker checks the serving alias for a version another worker promoted.")
+    learner_canary_queries: int = _f(200, "Canary queries scored before a promotion.", ge=1)
+    learner_canary_tolerance: float = _f(0.01, "Most canary nDCG@10 a new version may lose and still be promoted.", ge=0)
+    reindex_batch: int = _f(256, "Rows re-encoded per slice when a promoted encoder rebuilds the collection.", ge=1)
+    alias_poll_s: float = _f(10.0, "How often a worker checks the serving alias for a version another worker promoted.", gt=0)
 
     # --- Memory manager (Redis) ---------------------------------------------
     memory_enabled: bool = _f(True, "Track document importance in Redis and evict under the capacity limit.")
@@ -168,9 +181,9 @@ class Settings(BaseSettings):
     )  # not MILVUS_URI: pymilvus itself reads that variable and rejects file paths in it
     milvus_token: SecretStr = _f(SecretStr(""), "Milvus token (user:password) for a server (never logged).")
     collection: str = _f("hybridrag_chunks", "Base name of the vector collection (the encoder version is appended).")
-    hubness_k: int = _f(20, "Neighbours whose mean cosine is a chunk's stored hubness (CSLS); 0 stores none.")
+    hubness_k: int = _f(20, "Neighbours whose mean cosine is a chunk's stored hubness (CSLS); 0 stores none.", ge=0)
     hubness_refresh_growth: float = _f(1.5, "Recompute every chunk's hubness when the collection has grown by this "
-                                       "factor since the last time (0: never).")
+                                       "factor since the last time (0: never).", ge=0)
     redis_url: str = _f(
         "redis://127.0.0.1:6379/0", "Redis URL; redis://user:pass@host/0 for AUTH, rediss:// for TLS.",
         "REDIS_URL", "HYBRIDRAG_REDIS_URL",
@@ -178,15 +191,20 @@ class Settings(BaseSettings):
     redis_prefix: str = _f("hybridrag", "Key prefix for this deployment's Redis state.")
 
     # --- Worker --------------------------------------------------------------
-    web_port: int = _f(6066, "Port of the worker's HTTP endpoint (/health, /metrics).")
+    web_port: int = _f(6066, "Port of the worker's HTTP endpoint (/health, /metrics).", ge=1, le=65535)
     web_host: str = _f("127.0.0.1", "Interface the worker's HTTP endpoint binds.")
-    retry_attempts: int = _f(3, "Tries for a batch that fails on a record error before the record is dead-lettered.")
-    retry_backoff_s: float = _f(0.5, "First backoff between retries; doubles each time.")
-    retry_backoff_max_s: float = _f(30.0, "Longest backoff while waiting out a transient outage.")
-    log_level: str = _f("info", "Log level of the worker.")
+    retry_attempts: int = _f(3, "Tries for a batch that fails on a record error before the record is dead-lettered.", ge=1)
+    retry_backoff_s: float = _f(0.5, "First backoff between retries; doubles each time.", ge=0)
+    retry_backoff_max_s: float = _f(30.0, "Longest backoff while waiting out a transient outage.", ge=0)
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = _f("info", "Log level of the worker.")
     log_format: Literal["text", "json"] = _f("text", "Worker log format; json writes one object per line with query ids.")
     data_dir: str = Field(default_factory=lambda: str(data_dir()),
                           description="Where caches, checkpoints and the Milvus Lite file live.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, v):
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("chunk_overlap")
     @classmethod

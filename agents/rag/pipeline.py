@@ -146,9 +146,9 @@ class QueryPipeline:
                         Source(doc_id=h.doc_id, chunk=h.chunk, chunk_id=h.id, score=round(h.score, 6), title=h.title, text=h.text)
                         for h in hs
                     ],
-                    confident=bool(hs),
+                    confident=bool(hs) and g.confident,  # a citation outside the sources is not
                     encoder_version=self.encoder.version,
-                    generator=self.generator.name,
+                    generator=g.generator or self.generator.name,  # a fallback names itself
                     timings_ms={k: round(v, 3) for k, v in timings.items()},
                     batch_size=len(queries),
                     worker=WORKER_NAME,
