@@ -1,8 +1,13 @@
-"""``hybridrag``: run the worker, create topics, ingest, ask, and run the demo."""
+"""``hybridrag``: run the worker, create topics, ingest, ask, and run the demo.
+
+An expected failure prints one line, its cause and its fix, and exits with a
+documented code (``agents/cli/errors.py``); ``--debug`` shows the traceback.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -11,7 +16,10 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(help="Event-driven RAG on Kafka.", no_args_is_help=True, add_completion=False)
+EPILOG = ("Exit codes: 0 success, 1 not answered (timeout or rejected), 2 bad usage, setting or input file, "
+          "3 Kafka unreachable, 4 Redis unreachable, 5 Milvus, 70 a bug (rerun with --debug).")
+app = typer.Typer(help="Event-driven RAG on Kafka.", no_args_is_help=True, add_completion=False, epilog=EPILOG,
+                  pretty_exceptions_enable=False)
 topics_app = typer.Typer(help="Topics from topics.yaml.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 
@@ -26,7 +34,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                       help="Print the installed version and exit.")) -> None:
+                                       help="Print the installed version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (also HYBRIDRAG_DEBUG=1).")
+          ) -> None:
     """Event-driven RAG on Kafka."""
 
 
@@ -38,12 +48,12 @@ def _settings(**overrides):
 
 
 def _need_broker(settings) -> None:
+    from hybridrag.agents.cli.errors import BAD_INPUT, CliError, check_broker_reachable
+
     if not settings.kafka_bootstrap_servers:
-        typer.secho(
-            "KAFKA_BOOTSTRAP_SERVERS is not set. Point it at your Kafka cluster, "
-            "or run `make demo` for the embedded broker.", fg="red", err=True,
-        )
-        raise typer.Exit(2)
+        raise CliError("KAFKA_BOOTSTRAP_SERVERS is not set",
+                       "point it at your Kafka cluster, or run `make demo` for the embedded broker", BAD_INPUT)
+    check_broker_reachable(settings.kafka_bootstrap_servers)
 
 
 @topics_app.command("create")
@@ -68,7 +78,10 @@ def topics_list() -> None:
 @app.command()
 def worker(create: bool = typer.Option(True, help="Create missing topics before joining the group.")) -> None:
     """Run the Faust worker (same as `faust -A hybridrag.agents.app worker`)."""
+    from hybridrag.agents.cli.errors import check_milvus_path
+
     s = _settings()
+    check_milvus_path(s.milvus_uri)
     _need_broker(s)
     if create:
         from hybridrag.agents.kafka.admin import create_topics
@@ -93,16 +106,21 @@ def ask(
     json_out: bool = typer.Option(False, "--json", help="Print the answer event as JSON."),
 ) -> None:
     """Publish a query and print its answer."""
+    from hybridrag.agents.cli.errors import NOT_ANSWERED, CliError
     from hybridrag.agents.cli.output import print_answer
-    from hybridrag.agents.kafka.client import AnswerTimeout, Client, answer_to_json
+    from hybridrag.agents.kafka.client import AnswerTimeout, Client, QueryRejected, answer_to_json
 
     s = _settings()
     _need_broker(s)
     try:
         ans = Client(s).ask(" ".join(question), timeout_s=timeout, tenant=tenant, top_k=top_k)
+    except QueryRejected as e:
+        raise CliError(str(e), f"shorten or correct the question (limits: `hybridrag settings`); "
+                       f"the record is on {s.topology['queries'].dlq}", NOT_ANSWERED) from None
     except AnswerTimeout as e:
-        typer.secho(str(e), fg="red", err=True)
-        raise typer.Exit(1)
+        cause, _, fix = str(e).partition(". Is a worker")
+        raise CliError(cause, "is a worker running against this broker? Start one with `hybridrag worker`, "
+                       "or wait longer with --timeout", NOT_ANSWERED) from None
     if json_out:
         typer.echo(answer_to_json(ans).decode())
     else:
@@ -117,15 +135,24 @@ def ingest(
     """Publish documents to the `documents` topic."""
     from tqdm import tqdm
 
+    from hybridrag.agents.cli.errors import BAD_INPUT, CliError
     from hybridrag.agents.kafka.client import AsyncClient
-    from hybridrag.agents.rag.ingest_files import iter_documents
+    from hybridrag.agents.rag.ingest_files import FileFormatError, count_documents, iter_documents
 
     s = _settings()
+    # every file and line is checked before connecting: a bad line publishes nothing
+    try:
+        total = count_documents(path, tenant=tenant)
+    except FileNotFoundError:
+        raise CliError(f"{path} does not exist", "give a .txt, .md or .jsonl file, or a folder of them", BAD_INPUT) from None
+    except FileFormatError as e:
+        raise CliError(str(e), "fix or remove that file, then ingest again (nothing was published)", BAD_INPUT) from None
     _need_broker(s)
 
     async def go() -> int:
         async with AsyncClient(s) as c:
-            return await c.publish_documents(tqdm(iter_documents(path, tenant=tenant), desc="publishing", unit="doc"))
+            return await c.publish_documents(tqdm(iter_documents(path, tenant=tenant), total=total,
+                                                  desc="publishing", unit="doc"))
 
     n = asyncio.run(go())
     typer.echo(f"published {n} documents to {s.topology['documents'].name}")
@@ -190,6 +217,7 @@ def demo(
     sys.exit(run_demo(questions=questions, corpus=corpus))
 
 
+@functools.cache  # main() may run more than once in a process (the tests)
 def _register_subapps() -> None:
     """Sub-commands that live with the code they drive (evaluation, training, memory, synthesis)."""
     import importlib
@@ -219,11 +247,44 @@ def _register_subapps() -> None:
             app.add_typer(sub, name=name)
 
 
-def main() -> None:
-    logging.basicConfig(level=os.environ.get("HYBRIDRAG_LOG_LEVEL", "WARNING").upper(),
+def main(argv: Optional[List[str]] = None) -> None:
+    """Run the command line; an expected failure is one line on stderr and its exit code."""
+    from hybridrag.agents.cli.errors import BUG, explain, print_bug, print_error
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("HYBRIDRAG_DEBUG", "") not in ("", "0")
+    if debug and "--debug" in args:
+        args.remove("--debug")  # accepted anywhere, not only before the command
+    level = os.environ.get("HYBRIDRAG_LOG_LEVEL", "WARNING").upper()
+    # a bad level is reported by the settings, in one line, when a command loads them
+    logging.basicConfig(level=level if level in logging.getLevelNamesMapping() else "WARNING",
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not debug:
+        # the clients' own retry chatter would bury the one line that says what to do
+        for noisy in ("aiokafka", "kafka", "faust", "mode"):
+            logging.getLogger(noisy).setLevel(logging.CRITICAL)
     _register_subapps()
-    app()
+    try:
+        app(args=args, prog_name="hybridrag")
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the one place every failure is reported
+        if debug or isinstance(exc, KeyboardInterrupt):
+            raise
+        err = explain(exc, _settings_or_none())
+        if err is None:
+            print_bug(exc)
+            sys.exit(BUG)
+        print_error(err)
+        sys.exit(err.code)
+
+
+def _settings_or_none():
+    """The settings, for naming the broker or Redis in an error; None when they are themselves the error."""
+    try:
+        return _settings()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ def _manager():
 
 
 def _unavailable(exc: Exception) -> None:
-    typer.secho(f"memory unavailable: {exc}", fg="red", err=True)
-    raise typer.Exit(1)
+    from hybridrag.agents.cli.errors import REDIS, CliError
+
+    raise CliError(f"the memory manager's Redis is unavailable ({exc})",
+                   "start Redis (redis-server --daemonize yes) or point REDIS_URL at it", REDIS) from None
 
 
 @app.command()

@@ -4,7 +4,9 @@
         answer = await client.ask("What is a compiler?")
 
 The client publishes a ``Query`` with a fresh ``query_id`` (the correlation id)
-and reads ``answers`` from the end, keeping only answers to its own queries.
+and reads ``answers`` from the end, keeping only answers to its own queries. It
+also reads ``queries.dlq``: a query the worker rejects fails at once with
+``QueryRejected`` and the worker's reason, instead of waiting out the timeout.
 Delivery is at-least-once, so the same answer may arrive twice: the client
 drops duplicates by ``query_id``.
 """
@@ -19,7 +21,7 @@ from typing import Iterable, Sequence
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from hybridrag.agents.kafka.schemas import Answer, Document, MessageError, Query, decode, encode
+from hybridrag.agents.kafka.schemas import Answer, DeadLetter, Document, MessageError, Query, decode, encode
 from hybridrag.agents.settings import Settings
 
 
@@ -35,6 +37,14 @@ class AnswerTimeout(TimeoutError):
         )
 
 
+class QueryRejected(ValueError):
+    """The worker dead-lettered a query; ``reason`` is what it said."""
+
+    def __init__(self, query_id: str, reason: str, error_type: str):
+        self.query_id, self.reason, self.error_type = query_id, reason, error_type
+        super().__init__(f"the worker rejected query {query_id} ({error_type}): {reason}")
+
+
 class AsyncClient:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
@@ -43,6 +53,7 @@ class AsyncClient:
         topo = self.settings.topology
         self.queries_topic = topo["queries"].name
         self.answers_topic = topo["answers"].name
+        self.rejected_topic = topo["queries"].dlq
         self.documents_topic = topo["documents"].name
         self.producer: AIOKafkaProducer | None = None
         self.consumer: AIOKafkaConsumer | None = None
@@ -74,11 +85,13 @@ class AsyncClient:
             fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms, **kw
         )
         await self.consumer.start()
-        parts = self.consumer.partitions_for_topic(self.answers_topic)
-        if not parts:
-            await self.consumer._client.force_metadata_update()
-            parts = self.consumer.partitions_for_topic(self.answers_topic) or {0}
-        tps = [TopicPartition(self.answers_topic, p) for p in sorted(parts)]
+        tps = []
+        for topic in (self.answers_topic, self.rejected_topic):
+            parts = self.consumer.partitions_for_topic(topic)
+            if not parts:
+                await self.consumer._client.force_metadata_update()
+                parts = self.consumer.partitions_for_topic(topic) or {0}
+            tps += [TopicPartition(topic, p) for p in sorted(parts)]
         self.consumer.assign(tps)
         await self.consumer.seek_to_end(*tps)
         for tp in tps:  # resolve the lazy seek now, before any query is sent
@@ -88,6 +101,9 @@ class AsyncClient:
     async def _read(self) -> None:
         assert self.consumer is not None
         async for msg in self.consumer:
+            if msg.topic == self.rejected_topic:
+                self._rejected(msg)
+                continue
             try:
                 ans = decode(Answer, msg.value, max_bytes=16 * 1024 * 1024)
             except MessageError:
@@ -99,6 +115,19 @@ class AsyncClient:
             if fut is not None and not fut.done():
                 self._seen.add(ans.query_id)
                 fut.set_result(ans)
+
+    def _rejected(self, msg) -> None:
+        """A dead letter of one of our queries fails its future with the worker's reason."""
+        query_id = msg.key.decode("utf-8", "replace") if msg.key else ""
+        fut = self._waiting.get(query_id)
+        if fut is None or fut.done():
+            return
+        try:
+            letter = DeadLetter.model_validate_json(msg.value)
+        except ValueError:
+            return
+        self._waiting.pop(query_id, None)
+        fut.set_exception(QueryRejected(query_id, letter.reason, letter.error_type))
 
     async def stop(self) -> None:
         if self._reader:
@@ -129,6 +158,11 @@ class AsyncClient:
         assert self.producer is not None
         await self.producer.flush()
         done, pending = await asyncio.wait(futures, timeout=timeout_s)
+        for f in futures:  # a rejection is known at once; it is the more useful error
+            if f.done() and isinstance(f.exception(), QueryRejected):
+                for p in pending:
+                    p.cancel()
+                raise f.exception()
         if pending:
             missing = [q.query_id for q, f in zip(queries, futures) if f in pending]
             for q in missing:
