@@ -46,7 +46,10 @@ class Learner:
         if self.buffer is None:
             self.buffer = TrainingBuffer.from_config(LearnerConfig.from_settings(self.runtime.settings))
         self.buffer.add(docs)
-        return self.buffer.size()
+        sizes = self.buffer.sizes()
+        for kind, n in sizes.items():
+            metrics.LEARNER_BUFFER.labels(kind).set(n)
+        return sizes["pairs"]
 
     async def take(self, events: Sequence) -> None:
         """Buffer a batch's generated documents; start an update in the background once enough are buffered."""

@@ -158,7 +158,7 @@ class Runtime:
                 self.memory.recover(self.store)
             except MemoryUnavailable as exc:
                 log.warning("memory manager degraded at start: %s", exc)
-        metrics.ENCODER_INFO.labels(self.encoder.version).set(1)
+        self.report_state()
         log.info(
             "runtime ready in %.1fs: encoder %s, collection %s (%d rows)",
             time.perf_counter() - t0, self.encoder.version, self.store.name, self.store.count(),
@@ -259,8 +259,29 @@ class Runtime:
             target.store.point_alias()
             self.serving = target
             self.reindex = None
-        metrics.ENCODER_INFO.labels(target.encoder.version).set(1)
+        dropped = target.store.drop_old_collections(self.settings.reindex_keep_collections)
+        if dropped:
+            log.info("dropped %d old collections: %s", len(dropped), ", ".join(dropped))
+        self.report_state()
         return counts
+
+    def report_state(self) -> None:
+        """Point the gauges of this worker's state at what serves now (read again at every scrape)."""
+        serving = self.serving
+        metrics.ENCODER_INFO.clear()  # one label: the version serving, not every version that ever did
+        metrics.ENCODER_INFO.labels(serving.encoder.version).set(1)
+        metrics.COLLECTIONS.set(len(serving.store.collections()))
+        metrics.MIRROR_ROWS.labels("live").set_function(lambda: self._mirror_rows(live=True))
+        metrics.MIRROR_ROWS.labels("dead").set_function(lambda: self._mirror_rows(live=False))
+        if self.memory is not None:
+            metrics.MEMORY_BUFFERED.set_function(lambda: self.memory.pending)
+
+    def _mirror_rows(self, live: bool) -> int:
+        store = self.store
+        mirror = store.mirror if store is not None else None
+        if mirror is None:
+            return 0
+        return mirror.count() if live else mirror.dead()
 
     def serving_info(self):
         from hybridrag.agents.rag.store import resolve_serving

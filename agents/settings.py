@@ -122,6 +122,8 @@ class Settings(BaseSettings):
         0.5, "Adaptive: gamma in the hubness signal, the weight of a passage's density among the queries served.", ge=0)
     retriever_query_bank_k: int = _f(10, "Adaptive: nearest served queries whose mean cosine is that density.", ge=1)
     retriever_query_bank_size: int = _f(1000, "Adaptive: most recent query vectors each worker keeps per tenant.", ge=1)
+    retriever_query_bank_tenants: int = _f(64, "Adaptive: most tenants banked per worker; a new one displaces the "
+                                           "least recently served.", ge=1)
     retriever_bm25_weight: float = _f(0.1, "Adaptive: weight of BM25 in the fine blend of z-scores.", ge=0, le=1)
     retriever_threshold: Literal["margin", "zscore", "gap", "none"] = _f("margin", "Adaptive: the per-query threshold rule.")
     retriever_margin: float = _f(3.0, "Adaptive: margin rule keeps fine >= top - margin * std of this query's scores.", ge=0)
@@ -164,6 +166,10 @@ class Settings(BaseSettings):
     learner_canary_dataset: str = _f("wordnet-revdict", "Held-out set the canary score comes from.")
     learner_canary_queries: int = _f(200, "Canary queries scored before a promotion.", ge=1)
     learner_canary_tolerance: float = _f(0.01, "Most canary nDCG@10 a new version may lose and still be promoted.", ge=0)
+    learner_buffer_max: int = _f(4096, "Most examples of each kind (pairs, query-only) the learner buffers in "
+                                 "Redis; the oldest go first.", ge=1)
+    reindex_keep_collections: int = _f(2, "Collections kept per deployment after a re-index (the serving one and "
+                                       "the newest fallbacks); older ones are dropped unless an alias names them.", ge=1)
     reindex_batch: int = _f(256, "Rows re-encoded per slice when a promoted encoder rebuilds the collection.", ge=1)
     alias_poll_s: float = _f(10.0, "How often a worker checks the serving alias for a version another worker promoted.", gt=0)
 

@@ -24,6 +24,7 @@ async def follow_serving_alias():
                                        lane="ingest")
             with runtime.swap_lock:
                 runtime.serving = target
+            runtime.report_state()
             log.info("following the serving alias to %s", info.collection)
     except Exception as exc:  # the next tick tries again; serving goes on with what it has
         log.warning("cannot follow the serving alias: %s: %s", type(exc).__name__, exc)

@@ -125,7 +125,14 @@ class ExactMirror:
     and always consistent, because with Milvus Lite this process is the only
     writer: every upsert and delete goes through both. A Milvus server has
     several writers and its own fast indexes, so it gets no mirror.
+
+    Its size is the collection's (which the memory manager's capacity bounds)
+    plus the slots of deleted rows; those are compacted away whenever they
+    outnumber the live rows, so it never holds more than twice the live rows
+    (plus ``COMPACT_MIN`` slots).
     """
+
+    COMPACT_MIN = 1024  # dead slots tolerated before a compaction, however few rows live
 
     def __init__(self, dim: int):
         self.dim = dim
@@ -174,8 +181,35 @@ class ExactMirror:
             return False
         self.alive[row] = False
         self.vectors[row] = 0.0
-        self.rows_of_doc.get(self.meta[row][1], set()).discard(row)
+        doc_id = self.meta[row][1]
+        rows = self.rows_of_doc.get(doc_id)
+        if rows is not None:
+            rows.discard(row)
+            if not rows:
+                del self.rows_of_doc[doc_id]
+        self.meta[row] = None
+        if self.dead() > max(self.COMPACT_MIN, len(self.row_of)):
+            self.compact()
         return True
+
+    def dead(self) -> int:
+        """Slots of deleted rows not yet compacted away."""
+        return self.size - len(self.row_of)
+
+    def compact(self) -> None:
+        """Move the live rows to the front, in their order, and renumber them; row numbers change."""
+        keep = np.nonzero(self.alive[: self.size])[0]
+        for name in ("vectors", "alive", "synthetic", "tenant", "hubness"):
+            arr = getattr(self, name)
+            moved = np.zeros((max(1024, 2 * len(keep)),) + arr.shape[1:], dtype=arr.dtype)
+            moved[: len(keep)] = arr[keep]
+            setattr(self, name, moved)
+        self.meta = [self.meta[r] for r in keep]
+        self.size = len(keep)
+        self.row_of = {m[0]: i for i, m in enumerate(self.meta)}
+        self.rows_of_doc = {}
+        for i, m in enumerate(self.meta):
+            self.rows_of_doc.setdefault(m[1], set()).add(i)
 
     def stale_ids(self, doc_id: str, n_chunks: int) -> list[str]:
         return [self.meta[r][0] for r in self.rows_of_doc.get(doc_id, ()) if self.alive[r] and self.meta[r][2] >= n_chunks]
@@ -258,6 +292,39 @@ def resolve_serving(uri: str, base: str, token: str = "", client=None) -> Servin
         raise ValueError(f"collection {name} behind alias {alias} carries no encoder version")
     return ServingInfo(name, props.get("hybridrag.encoder", ""), props["hybridrag.encoder_version"],
                        props.get("hybridrag.checkpoint", ""), int(props.get("hybridrag.dim", 0)))
+
+
+def deployment_collections(client, base: str) -> list[str]:
+    """The collections of deployment ``base`` (one per encoder version), oldest first.
+
+    Created order comes from the ``hybridrag.created_at`` property; a collection
+    made before it was recorded counts as the oldest.
+    """
+    prefix = collection_name(base, "")
+    created = {}
+    for name in client.list_collections():
+        if name.startswith(prefix):
+            props = client.describe_collection(name).get("properties", {}) or {}
+            created[name] = float(props.get("hybridrag.created_at", 0.0))
+    return sorted(created, key=lambda n: (created[n], n))
+
+
+def prune_collections(client, base: str, keep: int) -> list[str]:
+    """Drop all but the ``keep`` newest collections of ``base``, never one an alias points at; returns those dropped.
+
+    After a re-index the old collection is the fallback while batches that
+    started on it finish and other workers follow the alias; a collection
+    ``keep`` promotions old serves nobody.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    names = deployment_collections(client, base)
+    aliased = {client.describe_alias(a)["collection_name"] for a in client.list_aliases().get("aliases", [])}
+    dropped = [n for n in names[: max(0, len(names) - keep)] if n not in aliased]
+    for name in dropped:
+        client.drop_collection(name)
+        log.info("dropped collection %s (keeping the %d newest of %s)", name, keep, base)
+    return dropped
 
 
 class VectorStore:
@@ -347,6 +414,7 @@ class VectorStore:
                 "hybridrag.encoder_version": self.encoder_version,
                 "hybridrag.checkpoint": self.checkpoint,
                 "hybridrag.dim": str(self.dim),
+                "hybridrag.created_at": repr(time.time()),
             })
             log.info("created collection %s (dim %d, %s)", self.name, self.dim, index_type)
 
@@ -636,6 +704,16 @@ class VectorStore:
     def drop(self) -> None:
         with self._lock:
             self.client.drop_collection(self.name)
+
+    def collections(self) -> list[str]:
+        """Every collection of this deployment (this one's siblings for other encoder versions), oldest first."""
+        with self._lock:
+            return deployment_collections(self.client, self.base)
+
+    def drop_old_collections(self, keep: int) -> list[str]:
+        """Keep this deployment's ``keep`` newest collections and any an alias names; drop the rest."""
+        with self._lock:
+            return prune_collections(self.client, self.base, keep)
 
     def recreate(self) -> None:
         """Start this collection over, empty (a re-index that a crash interrupted leaves rows behind)."""

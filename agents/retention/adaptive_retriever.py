@@ -82,6 +82,7 @@ class AdaptiveConfig:
     query_bank_k: int = 10  # nearest bank queries whose mean cosine is b(d)
     query_bank_size: int = 1000  # most recent query vectors kept per tenant (the bench measured banks of up to 999)
     query_bank_min: int = 20  # below this many banked queries, b(d) is off
+    query_bank_tenants: int = 64  # most tenants banked at once (size x dim x 4 bytes each); the least recent goes
     bm25_weight: float = 0.1  # w in (1 - w) * z(cosine) + w * z(bm25), when fine is bm25
     bm25_k1: float = 1.5
     bm25_b: float = 0.75
@@ -113,6 +114,7 @@ class AdaptiveConfig:
             query_bank_weight=getattr(s, "retriever_query_bank_weight", d.query_bank_weight),
             query_bank_k=getattr(s, "retriever_query_bank_k", d.query_bank_k),
             query_bank_size=getattr(s, "retriever_query_bank_size", d.query_bank_size),
+            query_bank_tenants=getattr(s, "retriever_query_bank_tenants", d.query_bank_tenants),
             bm25_weight=getattr(s, "retriever_bm25_weight", d.bm25_weight),
             threshold=getattr(s, "retriever_threshold", d.threshold),
             margin=getattr(s, "retriever_margin", d.margin),
@@ -262,26 +264,45 @@ class QueryBank:
 
     The bank describes where questions land in the embedding space; the fine
     stage measures each candidate's density among them (QB-Norm). It holds
-    vectors only, never text, and starts empty on every worker.
+    vectors only, never text, and starts empty on every worker. At most
+    ``max_tenants`` tenants are banked: a new one displaces the tenant served
+    least recently, so the bank never holds more than
+    ``max_tenants * size`` vectors.
     """
 
-    def __init__(self, size: int = 1000):
+    def __init__(self, size: int = 1000, max_tenants: int = 64):
+        if size < 1 or max_tenants < 1:
+            raise ValueError("a query bank needs size >= 1 and max_tenants >= 1")
         self.size = size
-        self._vectors: dict[str, np.ndarray] = {}  # tenant -> (size, d)
+        self.max_tenants = max_tenants
+        self._vectors: dict[str, np.ndarray] = {}  # tenant -> (size, d), least recently served first
         self._filled: dict[str, int] = {}
         self._next: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def add(self, vectors: np.ndarray, tenants: Sequence[str]) -> None:
+    def add(self, vectors: np.ndarray, tenants: Sequence[str]) -> list[str]:
+        """Bank ``vectors`` (n, d) under their ``tenants``; returns the tenants displaced to make room."""
         vectors = np.asarray(vectors, np.float32)
+        dropped: list[str] = []
         with self._lock:
             for v, t in zip(vectors, tenants):
-                if t not in self._vectors:
+                if t in self._vectors:
+                    self._vectors[t] = self._vectors.pop(t)  # now the most recently served
+                else:
+                    if len(self._vectors) >= self.max_tenants:
+                        old = next(iter(self._vectors))
+                        del self._vectors[old], self._filled[old], self._next[old]
+                        dropped.append(old)
                     self._vectors[t] = np.zeros((self.size, len(v)), np.float32)
                     self._filled[t] = self._next[t] = 0
                 self._vectors[t][self._next[t]] = v
                 self._next[t] = (self._next[t] + 1) % self.size
                 self._filled[t] = min(self._filled[t] + 1, self.size)
+        return [t for t in dropped if t not in self._vectors]
+
+    def tenants(self) -> list[str]:
+        with self._lock:
+            return list(self._vectors)
 
     def get(self, tenant: str) -> np.ndarray:
         """The banked query vectors of ``tenant`` (n, d), a copy; (0, 0) when none."""
@@ -317,7 +338,8 @@ class AdaptiveRetriever:
         self.store = store
         self.encoder = encoder  # only needed when search() is given texts without vectors
         self.config = config or AdaptiveConfig()
-        self.bank = bank if bank is not None else QueryBank(self.config.query_bank_size)
+        self.bank = bank if bank is not None else QueryBank(self.config.query_bank_size,
+                                                            self.config.query_bank_tenants)
 
     @property
     def uses_bank(self) -> bool:
@@ -440,8 +462,13 @@ class AdaptiveRetriever:
             return
         from hybridrag.agents.kafka import metrics
 
-        self.bank.add(query_vecs, tenants)
-        metrics.QUERY_BANK.set(self.bank.total())
+        for gone in self.bank.add(query_vecs, tenants):
+            try:
+                metrics.QUERY_BANK.remove(gone)
+            except KeyError:  # displaced within the batch that banked it: never reported
+                pass
+        for t in set(tenants):
+            metrics.QUERY_BANK.labels(t).set(self.bank.count(t))
 
     def retrieve(self, texts, vectors, top_k, tenants, include_synthetic):
         """The query pipeline's Retriever protocol: ranked hits per query and stage timings (ms)."""

@@ -94,6 +94,7 @@ class LearnerConfig:
     canary_dataset: str = _setting("canary_dataset")  # held-out set of the canary score
     canary_queries: int = _setting("canary_queries")  # canary queries scored before a promotion
     canary_tolerance: float = _setting("canary_tolerance")  # most canary nDCG@10 a new version may lose and still be promoted
+    buffer_max: int = _setting("buffer_max")  # most buffered examples of each kind; the oldest go first
     # --- fixed here, not deployment settings: the defaults below are what the canary and replay were tuned with
     canary_distractors: int = 2000  # corpus documents next to the relevant ones: the canary runs in seconds
     distil_queries: bool = True  # distil the query text of every sample, kept or not (user text, teacher-labelled)
@@ -121,13 +122,16 @@ class LearnerConfig:
             raise ValueError(f"{self.replay_target} is not a valid replay target (teacher, base)")
         if self.batch_size < 2 or self.grad_accum < 1 or self.steps < 1:
             raise ValueError("batch_size >= 2, grad_accum >= 1 and steps >= 1 are required")
+        if self.buffer_max < self.min_examples:
+            raise ValueError(f"buffer_max ({self.buffer_max}) must be at least min_examples ({self.min_examples}), "
+                             "or no update would ever start")
 
     @classmethod
     def from_settings(cls, s: Any, **overrides) -> "LearnerConfig":
         """Read the ``learner_*`` fields, ``device``, ``data_dir``, ``redis_url`` and ``redis_prefix``."""
         d = cls()
         values = {name: getattr(s, f"learner_{name}", getattr(d, name)) for name in (
-            "enabled", "min_examples", "steps", "batch_size", "grad_accum", "lr", "replay_fraction",
+            "enabled", "min_examples", "steps", "batch_size", "grad_accum", "lr", "replay_fraction", "buffer_max",
             "canary_dataset", "canary_queries", "canary_tolerance", "canary_distractors", "distil_queries",
             "replay_pool", "seed", "timeout_s")}
         for name in ("device", "data_dir", "redis_url", "redis_prefix"):
@@ -222,11 +226,12 @@ def examples_from_messages(messages: Iterable[Any], distil_queries: bool = True)
 
 # One script per batch: an example is added only if it is neither buffered nor
 # already trained on (``done`` remembers trained ids for the topic's retention),
-# so a replayed Kafka record never counts twice.
+# so a replayed Kafka record never counts twice. Each kind keeps its newest
+# ARGV[2] examples: the oldest beyond that go, text and all.
 _LUA_ADD = r"""
 local added = 0
-local now = tonumber(ARGV[1])
-for i = 2, #ARGV, 3 do
+local now, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #ARGV, 3 do
   local id, kind, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   if not redis.call('ZSCORE', KEYS[4], id) and redis.call('HSETNX', KEYS[1], id, payload) == 1 then
     local seq = redis.call('INCR', KEYS[5])
@@ -234,19 +239,28 @@ for i = 2, #ARGV, 3 do
     added = added + 1
   end
 end
+for _, z in ipairs({KEYS[2], KEYS[3]}) do
+  local extra = redis.call('ZCARD', z) - keep
+  if extra > 0 then
+    for _, id in ipairs(redis.call('ZRANGE', z, 0, extra - 1)) do redis.call('HDEL', KEYS[1], id) end
+    redis.call('ZREMRANGEBYRANK', z, 0, extra - 1)
+  end
+end
 return added
 """
 
+# ARGV: now, most trained ids remembered, then the ids
 _LUA_DROP = r"""
 local now = tonumber(ARGV[1])
 local n = 0
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local id = ARGV[i]
   n = n + redis.call('HDEL', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZADD', KEYS[4], now, id)
 end
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(tonumber(ARGV[2]) + 1))
 return n
 """
 
@@ -266,22 +280,29 @@ class TrainingBuffer:
     the retention of ``generated-documents``, so a replay after an update does not
     count either); ``snapshot`` reads without removing; ``drop`` removes after an
     update has finished.
+
+    Bounded by construction: each kind holds at most ``max_examples`` (the
+    oldest go first, so an update that keeps failing cannot grow it), and
+    ``done`` the ``2 * max_examples`` latest trained ids: a replay comes from
+    records not yet committed, far fewer than one update trains on.
     """
 
     def __init__(self, redis_url: str = "redis://127.0.0.1:6379/0", prefix: str = "hybridrag",
-                 client=None, done_ttl_s: float = 7 * 86_400.0, distil_queries: bool = True):
+                 client=None, done_ttl_s: float = 7 * 86_400.0, distil_queries: bool = True,
+                 max_examples: int = 4096):
         import redis
 
         self.client = client or redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
         self.ns = f"{prefix}:learn:"
         self.done_ttl_s = done_ttl_s
         self.distil_queries = distil_queries
+        self.max_examples = max_examples
         self._add = self.client.register_script(_LUA_ADD)
         self._drop = self.client.register_script(_LUA_DROP)
 
     @classmethod
     def from_config(cls, cfg: LearnerConfig, **kw) -> "TrainingBuffer":
-        return cls(cfg.redis_url, cfg.redis_prefix, distil_queries=cfg.distil_queries, **kw)
+        return cls(cfg.redis_url, cfg.redis_prefix, distil_queries=cfg.distil_queries, max_examples=cfg.buffer_max, **kw)
 
     def _keys(self) -> list[str]:
         return [self.ns + k for k in ("ex", "pairs", "queries", "done", "seq")]
@@ -302,7 +323,7 @@ class TrainingBuffer:
         if not examples:
             return 0
         now = time.time() if now is None else now
-        args: list = [repr(now)]
+        args: list = [repr(now), self.max_examples]
         for e in examples:
             args += [e.doc_id, "pair" if e.is_pair else "query", json.dumps(asdict(e), ensure_ascii=False)]
         return int(self._add(keys=self._keys(), args=args))
@@ -314,6 +335,13 @@ class TrainingBuffer:
     def query_count(self) -> int:
         """Buffered query-only examples."""
         return int(self.client.zcard(self.ns + "queries"))
+
+    def sizes(self) -> dict[str, int]:
+        """Entries of each part: ``pairs``, ``queries`` and ``done`` (trained ids remembered)."""
+        pipe = self.client.pipeline(transaction=False)
+        for k in ("pairs", "queries", "done"):
+            pipe.zcard(self.ns + k)
+        return dict(zip(("pairs", "queries", "done"), map(int, pipe.execute())))
 
     def snapshot(self, n: int, n_queries: int | None = None) -> list[Example]:
         """The oldest ``n`` pairs and ``n_queries`` (default ``n``) query-only examples, left in the buffer."""
@@ -331,7 +359,7 @@ class TrainingBuffer:
         if not doc_ids:
             return 0
         now = time.time() if now is None else now
-        n = int(self._drop(keys=self._keys()[:4], args=[repr(now), *doc_ids]))
+        n = int(self._drop(keys=self._keys()[:4], args=[repr(now), 2 * self.max_examples, *doc_ids]))
         self.client.zremrangebyscore(self.ns + "done", "-inf", now - self.done_ttl_s)
         return n
 

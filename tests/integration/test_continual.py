@@ -72,6 +72,19 @@ def test_buffer_counts_a_replayed_record_once_and_loses_nothing_before_the_drop(
     assert buf.snapshot(1, n_queries=0)[0].doc_id == "gen-4"
 
 
+def test_buffer_keeps_the_newest_examples_of_each_kind_within_its_bound(redis_url, prefix):
+    """With room for 5 of each kind, 12 generated documents leave the newest 5 pairs and 5 queries
+    (their texts too), and 12 trained ids leave the newest 10 remembered against replays."""
+    buf = TrainingBuffer(redis_url, prefix, max_examples=5)
+    assert buf.add([_gen(i) for i in range(8)]) == 16
+    assert buf.add([_gen(i) for i in range(8, 12)]) == 8
+    assert buf.sizes() == {"pairs": 5, "queries": 5, "done": 0}
+    assert [e.doc_id for e in buf.snapshot(5, n_queries=0)] == [f"gen-{i}" for i in range(7, 12)]
+    assert buf.client.hlen(buf.ns + "ex") == 10
+    buf.drop([f"gen-{i}" for i in range(12)])
+    assert buf.sizes() == {"pairs": 0, "queries": 5, "done": 10}
+
+
 def test_replay_comes_from_the_memory_managers_important_real_documents(redis_url, prefix, tmp_path):
     """Three documents are indexed and cited by queries, one synthetic document is popular too: the replay
     holds the real documents' texts (most important first, the synthetic left out) and the query patterns

@@ -98,3 +98,23 @@ def test_an_upsert_estimates_hubness_from_the_stored_rows_and_its_own_batch(tmp_
     s.upsert([Row(f"d{i}#0", f"d{i}", 0, "t", x[i]) for i in range(102, 200)])
     assert s.hubness_rows == 200
     s.close()
+
+
+def test_old_collections_go_once_no_alias_names_them(tmp_path):
+    """Four encoder versions were built in turn; v2 serves. Keeping two leaves v3 and v4 (the newest)
+    and v2 (the alias names it); v1 is dropped. Once the alias moves to v4, v2 goes too. Another
+    deployment's collection in the same file is never touched."""
+    uri = str(tmp_path / "c.db")
+    stores = {v: VectorStore(uri, "chunks", v, 8) for v in ("v1", "v2", "v3", "v4")}
+    other = VectorStore(uri, "elsewhere", "v1", 8)
+    stores["v2"].point_alias()
+    names = {v: s.name for v, s in stores.items()}
+    assert stores["v2"].collections() == [names[v] for v in ("v1", "v2", "v3", "v4")]
+    assert stores["v4"].drop_old_collections(keep=2) == [names["v1"]]
+    assert stores["v4"].collections() == [names["v2"], names["v3"], names["v4"]]
+    stores["v4"].point_alias()
+    assert stores["v4"].drop_old_collections(keep=2) == [names["v2"]]
+    assert stores["v4"].drop_old_collections(keep=2) == []
+    assert set(stores["v4"].client.list_collections()) == {names["v3"], names["v4"], other.name}
+    for s in [*stores.values(), other]:
+        s.close()

@@ -240,6 +240,22 @@ def test_query_bank_is_a_ring_per_tenant():
     assert sorted(map(tuple, bank.get("a").tolist())) == [(2, 3), (6, 7), (9, 9)]
 
 
+def test_query_bank_keeps_at_most_max_tenants_dropping_the_least_recently_served():
+    """A fourth tenant displaces the one served least recently; the gauge follows, one label per banked tenant."""
+    from hybridrag.agents.kafka import metrics
+
+    r = AdaptiveRetriever(store=None, config=AdaptiveConfig(query_bank_size=2, query_bank_tenants=3))
+    v = np.ones((1, 4), np.float32)
+    for t in ["ta", "tb", "tc", "ta"]:
+        r.learn(v, [t])
+    r.learn(v, ["td"])  # tb was served least recently
+    assert r.bank.tenants() == ["tc", "ta", "td"]
+    assert r.bank.count("tb") == 0 and r.bank.count("ta") == 2
+    assert r.bank.add(np.ones((2, 4), np.float32), ["te", "tf"]) == ["tc", "ta"]
+    labels = {s.labels["tenant"]: s.value for s in metrics.QUERY_BANK.collect()[0].samples}
+    assert "tb" not in labels and labels["ta"] == 2 and labels["td"] == 1
+
+
 def test_served_queries_demote_a_passage_that_sits_near_all_of_them():
     """Two passages tie on cosine and on corpus hubness. One lies near every question served so far
     (a hub for questions); once the bank holds enough queries, the other ranks first. The batch
