@@ -117,7 +117,9 @@ def build_live_index_job(cfg: JobConfig, status: Status) -> None:
         t0 = time.perf_counter()
         bodies = []
         for qid, text, ids, tts, pss, scs in zip(query_ids, texts, doc_ids, titles, passages, scores):
-            hits = sorted((Hit(d, float(s), t, p) for d, t, p, s in zip(ids, tts, pss, scs)), key=lambda h: -h.score)
+            # the index scores a match by minus its cosine distance: the cosine is 1 + score
+            hits = sorted((Hit(d, 1.0 + float(s), t, p) for d, t, p, s in zip(ids, tts, pss, scs)),
+                          key=lambda h: -h.score)
             hits = [h for h in hits if h.score >= cfg.min_score]
             bodies.append(rag_job.answer_json(qid, text, hits, {"generate": (time.perf_counter() - t0) * 1e3},
                                               len(query_ids)))

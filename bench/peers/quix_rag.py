@@ -88,6 +88,9 @@ def build_app(cfg: JobConfig, model, index: PassageIndex, status: Status) -> App
         use_changelog_topics=False,  # stateless job
         commit_interval=cfg.batch_timeout_ms / 1e3 if batching else 5.0,
         commit_every=cfg.batch_max if batching else 0,
+        # a checkpoint closes only between polls: a poll that waits its default 1 s for a next
+        # record holds the batch, and in a closed loop no next record comes until the answers go out
+        consumer_poll_timeout=cfg.batch_timeout_ms / 1e3 if batching else 1.0,
         consumer_extra_config={"session.timeout.ms": cfg.session_timeout_ms, "heartbeat.interval.ms": 1000,
                                "fetch.wait.max.ms": cfg.fetch_max_wait_ms},
         producer_extra_config={"linger.ms": 2},
