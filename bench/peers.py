@@ -513,6 +513,9 @@ def run_system(name: str, broker: EmbeddedBroker, run_dir: Path, work: Workload,
 def build_workload(n_docs: int, n_queries: int, n_fresh: int) -> Workload:
     """The corpus, the judged queries that it can answer, and held-out passages for the freshness phase."""
     docs, queries, qrels = load_workload(n_docs + n_fresh, 4 * n_queries + 100)
+    if len({d.text for d in docs}) < len(docs):  # load_workload repeats a corpus smaller than asked
+        raise SystemExit(f"the corpus has fewer than {len(docs)} distinct passages: build the BEIR sets first "
+                         "(hybridrag data build), or ask for fewer --docs")
     corpus, held_out = docs[:n_docs], docs[n_docs:]
     present = {d.doc_id for d in corpus}
     queries = [(q, t) for q, t in queries if qrels[q] & present][:n_queries]
