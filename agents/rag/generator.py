@@ -235,7 +235,9 @@ class OpenAIChatGenerator:
     async def agenerate(self, questions: Sequence[str], contexts: Sequence[Sequence[Hit]]) -> list[Generated]:
         """The batch's answers, its requests in flight together (at most ``concurrency``)."""
         if self._client is None:  # bound to the loop that first uses it
-            self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=self.concurrency),
+            # httpx's own default (5 s per read) would cut off a server that queues requests (llama.cpp)
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s),
+                                             limits=httpx.Limits(max_connections=self.concurrency),
                                              transport=self._transport)
             self._semaphore = asyncio.Semaphore(self.concurrency)
         results = await asyncio.gather(*(self._answer(q, hits) for q, hits in zip(questions, contexts)),

@@ -113,6 +113,13 @@ def test_a_batch_goes_out_concurrently_up_to_the_bound(concurrency):
     assert endpoint.calls == 8 and endpoint.max_in_flight == concurrency
 
 
+def test_every_request_gets_the_configured_timeout_not_httpx_default():
+    """A server that queues requests (llama.cpp's takes one at a time) answers the eighth after seven others."""
+    g = chat(FakeEndpoint(delay_s=0), timeout_s=120)
+    g.generate(["q"], [HITS])
+    assert g._client.timeout.read == g._client.timeout.connect == 120
+
+
 def test_transient_errors_are_retried_with_jitter_then_answered():
     endpoint = FakeEndpoint(fail_first=2, fail_status=503)
     (g,) = chat(endpoint, retries=2, concurrency=1).generate(["q"], [HITS])
