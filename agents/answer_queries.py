@@ -68,13 +68,15 @@ def record_position(event):
 
 
 def remember_hits(rt: Runtime, queries, answers_out) -> None:
-    """Count retrievals and citations per document; ``queries`` are (position, text) in offset order per partition."""
+    """Count retrievals and citations per document, one round trip a batch.
+
+    ``queries`` are (position, text), in offset order per partition.
+    """
     from hybridrag.agents.retention.memory_manager import MemoryUnavailable
 
-    for (position, text), ans in zip(queries, answers_out):
-        try:
-            rt.memory.record_hits(ans.sources, position=position, query=text)
-        except MemoryUnavailable as exc:
-            # answering goes on; the update is buffered and replayed when Redis is back
-            log.warning("memory manager unavailable, answering continues: %s", exc)
-            metrics.MEMORY_DEGRADED.inc()
+    try:
+        rt.memory.record_hits_many([(ans.sources, position, text) for (position, text), ans in zip(queries, answers_out)])
+    except MemoryUnavailable as exc:
+        # answering goes on; the updates are buffered and replayed when Redis is back
+        log.warning("memory manager unavailable, answering continues: %s", exc)
+        metrics.MEMORY_DEGRADED.inc(len(answers_out))

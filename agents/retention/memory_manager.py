@@ -624,6 +624,29 @@ class MemoryManager:
         worker that then lost the partition, replayed after the new owner
         counted later offsets of it; those are skipped (counted less, never twice).
         """
+        keys, args = self._hits_args(hits, position, query, cited, now)
+        return bool(self._call(lambda: self._hits(keys=keys, args=args), buffer=True))
+
+    def record_hits_many(self, queries: Sequence[tuple[Sequence[Any], RecordPosition | None, str]],
+                         now: float | None = None) -> list[bool]:
+        """:meth:`record_hits` for a batch of ``(hits, position, query)``, in order, in one round trip.
+
+        Each query is still its own script, so each is counted or skipped on
+        its own; while Redis is down the batch is buffered as one update.
+        """
+        if not queries:
+            return []
+        calls = [self._hits_args(hits, position, query, None, now) for hits, position, query in queries]
+
+        def run() -> list[bool]:
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                self._hits(keys=keys, args=args, client=pipe)
+            return [bool(r) for r in pipe.execute()]
+
+        return self._call(run, buffer=True)
+
+    def _hits_args(self, hits, position, query, cited, now) -> tuple[list, list]:
         now = time.time() if now is None else now
         H, wa, wh, wr = self._weights
         docs: dict[str, int] = {}
@@ -647,7 +670,7 @@ class MemoryManager:
         ]
         for d, c in docs.items():
             args += [d, c]
-        return bool(self._call(lambda: self._hits(keys=keys, args=args), buffer=True))
+        return keys, args
 
     def offset_marks(self) -> dict[str, int]:
         """The high-water offset counted per ``<group>/<topic>/<partition>``."""

@@ -243,6 +243,22 @@ def test_two_owners_of_a_partition_count_each_offset_once(make_memory):
         m.ns + k for k in ("doc:a", "z:lru", "z:lfu", "z:imp", "totals", "offsets"))
 
 
+def test_a_batch_in_one_round_trip_counts_as_its_queries_one_by_one(make_memory):
+    """record_hits_many over a batch (a replayed record in it) leaves the same counts as record_hits per query."""
+    one, many = make_memory(prefix=f"test-mem-{uuid.uuid4().hex[:8]}"), make_memory(prefix=f"test-mem-{uuid.uuid4().hex[:8]}")
+    batch = [([hit("a"), hit("b")], at(0, 1), "what is a cache"), ([hit("b")], at(1, 1), "tcp"),
+             ([hit("a")], at(0, 1), "what is a cache"), ([], at(0, 2), "nothing")]
+    for m in (one, many):
+        m.record_ingest([DocRecord("a", 1, 10), DocRecord("b", 1, 10)], now=0)
+    singles = [one.record_hits(h, position=p, query=q, now=5) for h, p, q in batch]
+    assert many.record_hits_many(batch, now=5) == singles == [True, True, False, True]
+    for key in ("queries", "queries_with_hits", "accesses", "cited", "patterns"):
+        assert one.stats()[key] == many.stats()[key]
+    assert one.offset_marks() == many.offset_marks()
+    for m in (one, many):
+        m.clear()
+
+
 def test_patterns_stay_within_their_bound(make_memory):
     """More distinct query patterns than ``max_patterns``: the least important go, with their keys."""
     m = make_memory(max_patterns=3)

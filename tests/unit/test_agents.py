@@ -134,7 +134,7 @@ async def test_answer_queries_hands_each_records_kafka_position_to_the_memory(mo
     in offset order: that position is what makes a replayed record count once."""
     rt = FakeRuntime(settings)
     recorded = []
-    rt.memory = SimpleNamespace(record_hits=lambda hits, position=None, query="": recorded.append((position, query)))
+    rt.memory = SimpleNamespace(record_hits_many=lambda batch: recorded.extend((p, q) for _, p, q in batch))
     use(monkeypatch, answer_queries, rt)
     async with answer_queries.answer_queries.test_context() as agent:
         for i in range(3):
