@@ -111,7 +111,10 @@ def test_the_adaptive_retriever_answers_through_the_worker(make_settings, make_w
 
     with urllib.request.urlopen(f"http://127.0.0.1:{settings.web_port}/metrics") as r:
         prom = r.read().decode()
-    assert f"hybridrag_query_bank_queries {float(n_rounds * len(qs) + 1)}" in prom  # every query served, banked
+    # every query served is banked, under its tenant (the default one here)
+    assert f'hybridrag_query_bank_queries{{tenant=""}} {float(n_rounds * len(qs) + 1)}' in prom
+    assert 'hybridrag_metric_label_sets{metric="hybridrag_query_bank_queries"} 1.0' in prom
+    assert 'hybridrag_mirror_rows{state="live"}' in prom
 
 
 def test_bad_records_go_to_the_dlq_and_the_worker_keeps_answering(serving):
