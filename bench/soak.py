@@ -345,6 +345,7 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
     restarted_at = [0.0]  # when the current worker process (and Redis) started, in soak time
     redis_started_at = [0.0]
     t0 = time.monotonic()
+    started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     stop = asyncio.Event()
 
     async def generate():
@@ -457,7 +458,8 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
         "memory_counts": {"value": counted, "target": expected, "pass": counted == expected},
     }
     return {
-        "args": vars(args), "cpu_count": os.cpu_count(), "started_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "args": vars(args), "cpu_count": os.cpu_count(), "started_at": started_at,
+        "ended_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "minutes": round(soak_s / 60, 2), "max_qps": round(max_qps, 1), "rate_qps": round(rate, 1),
         "sent": len(traffic.sent), "answered": len(traffic.answered),
         # answers the broker delivered again (a replay after a kill); the client keeps the first per query id
