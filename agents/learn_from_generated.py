@@ -33,7 +33,7 @@ class Learner:
     def active(self) -> bool:
         """The learner fine-tunes the hybrid encoder; MiniLM is the teacher and the fallback."""
         rt, s = self.runtime, self.runtime.settings
-        active = s.learner_enabled and rt.serving is not None and rt.serving.encoder_kind == "hybrid"
+        active = s.learner_enabled and rt.serving is not None and rt.serving.encoder_kind.startswith("hybrid")
         if not active and s.learner_enabled and not self.idle_logged:
             self.idle_logged = True
             log.info("continual learner idle: it fine-tunes the hybrid encoder, and this worker serves %s",

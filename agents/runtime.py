@@ -93,7 +93,8 @@ class Runtime:
         from hybridrag.agents.rag.store import VectorStore
 
         s = self.settings
-        encoder = load_encoder(encoder_kind, device=s.device, checkpoint=checkpoint or None)
+        encoder = load_encoder(encoder_kind, device=s.device, checkpoint=checkpoint or None,
+                               precision=s.encoder_precision)
         # a version names the weights; "-int8" only says how this worker runs them
         if expect_version is not None and encoder.version.removesuffix("-int8") != expect_version.removesuffix("-int8"):
             raise ValueError(f"{encoder_kind} encoder {checkpoint or '(default)'} is version {encoder.version}, "

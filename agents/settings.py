@@ -73,8 +73,11 @@ class Settings(BaseSettings):
     max_top_k: int = _f(20, "Most sources a query may ask for.", ge=1)
 
     # --- Models --------------------------------------------------------------
-    encoder: Literal["hybrid", "original"] = _f("original", "Encoder for queries and documents.")
-    encoder_checkpoint: str = _f("", "Hybrid encoder checkpoint; empty means the shipped default.")
+    encoder: Literal["hybrid", "hybrid-fast", "original"] = _f(
+        "original", "Encoder for queries and documents: a hybrid profile, or all-MiniLM-L6-v2 (the fallback).")
+    encoder_checkpoint: str = _f("", "Hybrid encoder checkpoint; empty means the profile's shipped one.")
+    encoder_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = _f(
+        "auto", "Hybrid encoder precision; auto: BF16 on CPUs with AVX-512 BF16, FP16 on CUDA, else FP32.")
     device: str = _f("cpu", "Torch device for the models (cpu, cuda).", pattern=r"^(cpu|cuda(:\d+)?|mps)$")
     torch_threads: int = _f(0, "Torch intra-op threads; 0 leaves torch's default.", ge=0)
     chunk_size: int = _f(120, "Words per chunk when indexing documents.", ge=1)

@@ -1,17 +1,30 @@
-"""Encoder throughput and memory: the original encoder against the hybrid in FP32 and INT8.
+"""Encoder frontier: MiniLM FP32 and BF16 against the hybrid profiles, in one run.
 
 One run, same texts for every model, 2 CPU threads:
 
-- texts/s on short queries and on 256-token passages. The three models take
-  turns for ``--rounds`` rounds and each keeps its best round, so a burst of
-  load from another process on a shared machine hits all of them alike;
-- parameters, weight bytes, and peak RSS while encoding the passages, each
-  model in a fresh subprocess so that one model's memory does not count
-  against another.
+- texts/s on short queries and on 256-token passages. The models take turns
+  for ``--rounds`` rounds and each keeps its best round, so a burst of load
+  from another process on a shared machine hits all of them alike;
+- batch independence: the cosine between a text encoded alone and the same
+  text encoded in a batch of 64 (the worst of 64 texts);
+- parameters, weight bytes, and peak RSS while loading and encoding the
+  passages, each model in a fresh subprocess so that one model's memory does
+  not count against another.
 
-Texts come from the offline training corpora (``hybridrag.models.corpora``): queries are
-the query side of training pairs, passages are consecutive corpus texts joined
-until they reach 256 tokens.
+Rows (``--models``):
+
+- ``minilm-fp32``: all-MiniLM-L6-v2 through sentence-transformers, the baseline;
+- ``minilm-bf16``: the same model cast to BF16;
+- ``hybrid``, ``hybrid-fast``: the shipped profiles in the precision the
+  runtime picks on this machine (``select_precision``);
+- ``hybrid-fp32``, ``hybrid-int8``: the ``hybrid`` profile in FP32 and with
+  dynamic INT8 linears, to show why the runtime picks what it picks;
+- ``ablation``: the checkpoint given by ``--ablation`` (hybrid-fast trained
+  without the convolution block).
+
+Texts come from the offline training corpora: queries are the query side of
+training pairs, passages are consecutive corpus texts joined until they reach
+256 tokens.
 
 Run: ``python bench/encoder.py`` -> bench/results/encoder.json
 """
@@ -28,7 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-MODELS = ("original", "hybrid-fp32", "hybrid-int8")
+MODELS = ("minilm-fp32", "minilm-bf16", "hybrid", "hybrid-fast", "hybrid-fp32", "hybrid-int8")
+BASELINE = "minilm-fp32"
 PASSAGE_TOKENS = 256
 
 
@@ -61,28 +75,63 @@ def build_texts(n_queries: int, n_passages: int) -> tuple[list[str], list[str]]:
     return queries, passages
 
 
-def load_model(name: str, checkpoint: str | None):
-    if name == "original":
+class MiniLMHalf:
+    """all-MiniLM-L6-v2 through sentence-transformers with its weights and activations in BF16."""
+
+    def __init__(self):
+        import torch
+
+        from hybridrag.models.encoders import OriginalEncoder
+
+        self.base = OriginalEncoder()
+        self.base.model.to(torch.bfloat16)
+        self.model = self.base.model
+        self.version = "minilm-l6-v2-bf16"
+
+    def encode(self, texts, batch_size: int = 64):
+        import numpy as np
+
+        out = self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                convert_to_tensor=True, show_progress_bar=False)
+        return np.ascontiguousarray(out.float().cpu().numpy())
+
+
+def load_model(name: str, ablation: str | None = None):
+    if name == "minilm-fp32":
         from hybridrag.models.encoders import OriginalEncoder
 
         return OriginalEncoder()
+    if name == "minilm-bf16":
+        return MiniLMHalf()
     from hybridrag.models.hybrid_encoder import HybridEncoderRuntime
 
-    return HybridEncoderRuntime.load(checkpoint, quantize=name.endswith("int8"))
+    if name == "ablation":
+        return HybridEncoderRuntime.load(ablation)
+    if name in ("hybrid-fp32", "hybrid-int8"):
+        return HybridEncoderRuntime.load("hybrid", precision=name.split("-")[1])
+    return HybridEncoderRuntime.load(name)
 
 
 def model_stats(name: str, enc) -> dict:
     from hybridrag.models.quantization import weight_bytes
 
-    if name == "original":
-        module = enc.model
-        params = sum(p.numel() for p in module.parameters())
+    if name.startswith("minilm"):
+        params = sum(p.numel() for p in enc.model.parameters())
     else:
-        module = enc.model
         from hybridrag.models.hybrid_encoder import HybridEncoder
 
         params = HybridEncoder(enc.cfg).num_parameters()  # INT8 modules hide theirs from .parameters()
-    return {"parameters": params, "weight_bytes": weight_bytes(module)}
+    return {"parameters": params, "weight_bytes": weight_bytes(enc.model),
+            "precision": getattr(enc, "precision", "bf16" if name == "minilm-bf16" else "fp32")}
+
+
+def batch_independence(enc, texts: list[str]) -> float:
+    """The lowest cosine between a text encoded alone and the same text in one batch of all ``texts``."""
+    import numpy as np
+
+    together = enc.encode(texts, batch_size=len(texts))
+    alone = np.concatenate([enc.encode([t], batch_size=1) for t in texts])
+    return float((together * alone).sum(1).min())
 
 
 def status_bytes(field: str) -> int:
@@ -99,7 +148,7 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def rss_worker(name: str, checkpoint: str | None, n_queries: int, n_passages: int) -> dict:
+def rss_worker(name: str, ablation: str | None, n_queries: int, n_passages: int) -> dict:
     """In a fresh process: load one model, encode the passages, report memory."""
     import torch
 
@@ -112,7 +161,7 @@ def rss_worker(name: str, checkpoint: str | None, n_queries: int, n_passages: in
     # building the texts reads whole corpora: reset the high-water mark so it measures the model only
     reset_peak_rss()
     base = status_bytes("VmRSS")
-    enc = load_model(name, checkpoint)
+    enc = load_model(name, ablation)
     loaded = status_bytes("VmHWM")
     enc.encode(passages, batch_size=64)
     peak = status_bytes("VmHWM")
@@ -134,66 +183,73 @@ def throughput(encoders: dict, texts: list[str], rounds: int, batch_size: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", default=None, help="hybrid checkpoint (default: the shipped one)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated rows (see the docstring)")
+    ap.add_argument("--ablation", default=None, help="checkpoint of the ablation row (hybrid-fast without conv)")
     ap.add_argument("--queries", type=int, default=1024)
     ap.add_argument("--passages", type=int, default=192)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "encoder.json"))
-    ap.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(rss_worker(args.worker, args.checkpoint, args.queries, args.passages)))
+        print(json.dumps(rss_worker(args.worker, args.ablation, args.queries, args.passages)))
         return
 
     import torch
 
     torch.set_num_threads(2)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.ablation and "ablation" not in names:
+        names.append("ablation")
+    if BASELINE not in names:
+        names.insert(0, BASELINE)
     queries, passages = build_texts(args.queries, args.passages)
     mean_q = sum(len(e.ids) for e in token_counter().encode_batch(queries)) / len(queries)
     print(f"{len(queries)} queries (mean {mean_q:.1f} tokens), {len(passages)} passages (>= {PASSAGE_TOKENS} tokens)")
 
-    encoders = {name: load_model(name, args.checkpoint) for name in MODELS}
+    encoders = {name: load_model(name, args.ablation) for name in names}
     versions = {name: enc.version for name, enc in encoders.items()}
+    mixed = queries[:32] + passages[:32]  # a batch of short and long texts: the most padding
+    independence = {name: batch_independence(enc, mixed) for name, enc in encoders.items()}
     q_rate = throughput(encoders, queries, args.rounds)
     p_rate = throughput(encoders, passages, args.rounds)
     del encoders
 
     memory = {}
-    for name in MODELS:
+    for name in names:
         cmd = [sys.executable, __file__, "--worker", name, "--queries", str(args.queries),
                "--passages", str(args.passages)]
-        if args.checkpoint:
-            cmd += ["--checkpoint", args.checkpoint]
+        if args.ablation:
+            cmd += ["--ablation", args.ablation]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
         memory[name] = json.loads(proc.stdout.strip().splitlines()[-1])
 
+    base_peak = memory[BASELINE]["model_peak_bytes"]
     rows = {}
-    for name in MODELS:
+    for name in names:
         rows[name] = {
             "version": versions[name],
             "queries_per_s": q_rate[name],
             "passages_per_s": p_rate[name],
-            "queries_speedup": q_rate[name] / q_rate["original"],
-            "passages_speedup": p_rate[name] / p_rate["original"],
+            "queries_speedup": q_rate[name] / q_rate[BASELINE],
+            "passages_speedup": p_rate[name] / p_rate[BASELINE],
+            "batch_independence_min_cos": independence[name],
+            "peak_fraction_of_baseline": memory[name]["model_peak_bytes"] / base_peak,
             **{k: v for k, v in memory[name].items() if k != "model"},
         }
-    print(f"\n{'model':12s} {'queries/s':>10s} {'x':>6s} {'passages/s':>11s} {'x':>6s} "
-          f"{'params':>10s} {'weight MB':>10s} {'peak MB':>8s}")
+    print(f"\n{'model':12s} {'prec':>5s} {'queries/s':>10s} {'x':>6s} {'passages/s':>11s} {'x':>6s} "
+          f"{'params':>11s} {'weight MB':>10s} {'peak MB':>8s} {'peak x':>7s} {'alone/batch cos':>16s}")
     for name, r in rows.items():
-        print(f"{name:12s} {r['queries_per_s']:10.1f} {r['queries_speedup']:6.2f} {r['passages_per_s']:11.1f} "
-              f"{r['passages_speedup']:6.2f} {r['parameters']:10,d} {r['weight_bytes'] / 1e6:10.2f} "
-              f"{r['model_peak_bytes'] / 1e6:8.1f}")
-    int8_over_fp32 = rows["hybrid-int8"]["weight_bytes"] / rows["hybrid-fp32"]["weight_bytes"]
-    print(f"\nINT8 hybrid on passages: {rows['hybrid-int8']['passages_speedup']:.2f}x the original (target >= 3x)")
-    print(f"INT8 weight bytes: {100 * int8_over_fp32:.1f}% of FP32 (target <= 30%)")
-    print(f"INT8 peak memory (load + encode, above the process before loading): {100 * rows['hybrid-int8']['model_peak_bytes'] / rows['hybrid-fp32']['model_peak_bytes']:.1f}% of FP32")
+        print(f"{name:12s} {r['precision']:>5s} {r['queries_per_s']:10.1f} {r['queries_speedup']:6.2f} "
+              f"{r['passages_per_s']:11.1f} {r['passages_speedup']:6.2f} {r['parameters']:11,d} "
+              f"{r['weight_bytes'] / 1e6:10.2f} {r['model_peak_bytes'] / 1e6:8.1f} "
+              f"{r['peak_fraction_of_baseline']:7.2f} {r['batch_independence_min_cos']:16.5f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "threads": 2, "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
         "n_queries": len(queries), "mean_query_tokens": mean_q, "n_passages": len(passages),
-        "passage_tokens": PASSAGE_TOKENS, "models": rows,
-        "int8_weight_fraction_of_fp32": int8_over_fp32,
+        "passage_tokens": PASSAGE_TOKENS, "baseline": BASELINE, "models": rows,
     }, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -521,6 +521,10 @@ def chatterbot_entries(cache_dir: Path | str | None = None, language: str = "eng
 # The sources whose items can become evaluation queries; the rest (Brown, Lee
 # background, Wikipedia) are also filtered by uid, which costs them 10%.
 TRAINING_SOURCES = ("wordnet", "foldoc", "chatterbot", "brown", "lee", "wiki")
+# the sources whose entries make (query, passage) pairs
+PAIR_SOURCES = ("wordnet", "foldoc", "chatterbot", "wiki")
+# the sources whose consecutive entries join into multi-paragraph passages
+PASSAGE_SOURCES = ("brown", "lee", "wiki")
 
 
 def _source_entries(name: str, cache_dir: Path | str | None = None) -> list[Entry]:
@@ -616,7 +620,7 @@ def training_texts(
 
 def training_pairs(
     limit: int | None = None,
-    sources: Iterable[str] = ("wordnet", "foldoc", "chatterbot", "wiki"),
+    sources: Iterable[str] = PAIR_SOURCES,
     seed: int = 0,
     cache_dir: Path | str | None = None,
 ) -> list[tuple[str, str]]:
@@ -637,3 +641,36 @@ def shuffled_pairs(entries: Iterable[Entry], limit: int | None = None, seed: int
     random.Random(seed).shuffle(pairs)
     return pairs[:limit] if limit is not None else pairs
 
+
+def training_passages(
+    limit: int | None = None,
+    sources: Iterable[str] = PASSAGE_SOURCES,
+    seed: int = 0,
+    min_words: int = 150,
+    max_words: int = 220,
+    cache_dir: Path | str | None = None,
+) -> list[tuple[str, str]]:
+    """(one sentence, the multi-paragraph passage it comes from) pairs; never a held-out item.
+
+    Consecutive entries of one source (Brown sentences in order, an article's
+    Wikipedia paragraphs, Lee documents) are joined with blank lines until the
+    passage holds ``min_words``, and cut at ``max_words``: the long documents a
+    deployment ingests, which the sentence-level sources never show.
+    """
+    rng = random.Random(seed)
+    out: list[tuple[str, str]] = []
+    for name in (x for x in sources if x in PASSAGE_SOURCES):
+        parts: list[str] = []
+        words = 0
+        for e in _training_items([name], cache_dir):
+            parts.append(e.text.strip())
+            words += len(e.text.split())
+            if words >= min_words:
+                passage = "\n\n".join(parts)
+                passage = " ".join(passage.split(" ")[:max_words])
+                sentences = [x for x in split_sentences(passage) if len(x.split()) >= 4]
+                if sentences:
+                    out.append((rng.choice(sentences).strip(), passage))
+                parts, words = [], 0
+    rng.shuffle(out)
+    return out[:limit] if limit is not None else out

@@ -64,22 +64,29 @@ _ENCODERS: dict[str, Encoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
-def load_encoder(name: str, device: str = "cpu", checkpoint: str | None = None) -> Encoder:
-    """Return a process-wide encoder by name: ``original`` or ``hybrid``.
+ENCODER_NAMES = ("hybrid", "hybrid-fast", "original")
 
-    Models are cached so that the agents in one worker share their weights.
+
+def load_encoder(name: str, device: str = "cpu", checkpoint: str | None = None, precision: str = "auto") -> Encoder:
+    """Return a process-wide encoder by name: ``hybrid``, ``hybrid-fast`` or ``original``.
+
+    ``hybrid`` and ``hybrid-fast`` are the shipped profiles (``checkpoint``, when
+    given, replaces the profile's own file), run in ``precision`` (``auto``: what
+    the hardware runs natively). ``original`` is all-MiniLM-L6-v2 in FP32, the
+    teacher and the fallback. Models are cached so that the agents in one worker
+    share their weights.
     """
-    key = f"{name}:{device}:{checkpoint}"
+    key = f"{name}:{device}:{checkpoint}:{precision}"
     with _ENCODERS_LOCK:
         if key in _ENCODERS:
             return _ENCODERS[key]
         if name == "original":
             enc: Encoder = OriginalEncoder(device=device)
-        elif name == "hybrid":
+        elif name in ("hybrid", "hybrid-fast"):
             from hybridrag.models.hybrid_encoder import HybridEncoderRuntime
 
-            enc = HybridEncoderRuntime.load(checkpoint, device=device)
+            enc = HybridEncoderRuntime.load(checkpoint or name, device=device, precision=precision)
         else:
-            raise ValueError(f"{name} is not a valid encoder (original, hybrid)")
+            raise ValueError(f"{name} is not a valid encoder ({', '.join(ENCODER_NAMES)})")
         _ENCODERS[key] = enc
         return enc

@@ -2,18 +2,23 @@
 
 The encoder reads top-down:
 
-    token ids -> factorised token embedding + learned positions      (ALBERT)
+    token ids -> the teacher's WordPiece embedding + positions         (MiniLM's own tables)
               -> multi-scale 1-D convolution block: local features    (kernels 3, 5, 7)
-              -> transformer blocks: global features                  (BERT)
+              -> transformer blocks: global features                  (MiniLM's layers)
               -> fusion of local and global features                  (concat | weighted | attention)
               -> output projection to 384 -> masked mean pooling -> L2 norm  (Sentence-BERT)
+
+The student starts as the teacher: its embedding tables and transformer blocks
+are copies of all-MiniLM-L6-v2's, the convolution block's output weights start
+at zero and the fusion starts by passing the transformer path through, so an
+untrained student with all six layers computes the teacher's function. Two
+profiles ship (``PROFILES``): ``hybrid`` keeps all six layers, ``hybrid-fast``
+keeps fewer and is distilled back towards the teacher.
 
 Papers:
 - Attention is all you need, Vaswani et al. 2017, https://arxiv.org/abs/1706.03762
 - BERT, Devlin et al. 2018, https://arxiv.org/abs/1810.04805 (post-LN blocks, so the
   student can start from the teacher's layers)
-- ALBERT, Lan et al. 2019, https://arxiv.org/abs/1909.11942 (factorised embedding:
-  a vocab x rank table then a rank -> d projection keeps the checkpoint small)
 - ConvBERT, Jiang et al. 2020, https://arxiv.org/abs/2008.02496, and Conformer,
   Gulati et al. 2020, https://arxiv.org/abs/2005.08100 (convolution for local
   patterns next to self-attention for global ones)
@@ -24,8 +29,10 @@ Papers:
 - Longformer, Beltagy et al. 2020, https://arxiv.org/abs/2004.05150 (sliding-window
   attention for inputs longer than ``Config.streaming_threshold``)
 
-``HybridEncoderRuntime`` wraps a trained checkpoint behind the ``Encoder``
-protocol of ``hybridrag.models.encoders``: ``encode(texts) -> float32 (N, 384)``.
+``HybridEncoderRuntime`` wraps a checkpoint behind the encoder interface,
+``encode(texts) -> float32 (N, 384)``, in the precision the hardware runs best
+(``select_precision``): BF16 activations and weights on a CPU with AVX-512 BF16,
+FP16 on CUDA, FP32 elsewhere.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import threading
 from dataclasses import asdict, dataclass, field
@@ -46,24 +54,29 @@ import torch.nn.functional as F
 
 from hybridrag.models.streaming_attention import sliding_window_attention
 
-CHECKPOINT_FORMAT = "hybridrag-encoder/1"
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "hybridrag-encoder/2"
 TOKENIZER_ID = "sentence-transformers/all-MiniLM-L6-v2 wordpiece (uncased, 30522)"
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "hybrid-default.pt"
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+# profile name -> shipped checkpoint
+PROFILES = {"hybrid": CHECKPOINT_DIR / "hybrid.pt", "hybrid-fast": CHECKPOINT_DIR / "hybrid-fast.pt"}
+DEFAULT_CHECKPOINT = PROFILES["hybrid"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 FUSIONS = ("concat", "weighted", "attention")
 
 
 @dataclass
 class Config:
     vocab_size: int = 30522  # all-MiniLM-L6-v2's WordPiece vocabulary
-    embed_rank: int = 96  # factorised token table: vocab x rank, then rank -> d_model
     d_model: int = 384  # the teacher's width, so its layers can seed ours
     n_heads: int = 12  # 32-dim heads, as in the teacher
-    n_layers: int = 2  # transformer blocks (the teacher has 6)
-    d_ff: int = 1024  # feed-forward width (the teacher's 1536, pruned)
-    conv_kernels: tuple[int, ...] = (3, 5, 7)  # parallel depthwise kernels of the conv block
+    n_layers: int = 6  # transformer blocks (the teacher has 6)
+    d_ff: int = 1536  # feed-forward width (the teacher's)
+    conv_kernels: tuple[int, ...] = (3, 5, 7)  # parallel depthwise kernels of the conv block; () drops the block
     fusion: str = "concat"  # how local and global features combine: concat | weighted | attention
     out_dim: int = 384  # embedding width: the teacher's, so distillation compares directly
-    max_positions: int = 512  # learned position table; longer inputs reuse it cyclically
+    max_positions: int = 512  # the teacher's position table; longer inputs reuse it cyclically
     max_seq_len: int = 256  # encode() truncates here, as the teacher does
     streaming_threshold: int = 512  # inputs longer than this use sliding-window attention
     streaming_window: int = 128  # half-width of the attention window for long inputs
@@ -105,21 +118,24 @@ def position_ids(T: int, max_positions: int, device=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- layers
 
 
-class FactorisedEmbedding(nn.Module):
-    """Token embedding as a (vocab, rank) table times a (rank, d) projection, plus positions."""
+class TokenEmbedding(nn.Module):
+    """WordPiece token embedding plus learned positions and LayerNorm, as in BERT.
+
+    BERT also adds a token-type vector; every input here is one segment, so that
+    vector is folded into the positions when the teacher's tables are copied.
+    """
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.tokens = nn.Embedding(cfg.vocab_size, cfg.embed_rank, padding_idx=cfg.pad_id)
-        self.up = nn.Linear(cfg.embed_rank, cfg.d_model, bias=False)
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.positions = nn.Embedding(cfg.max_positions, cfg.d_model)
         self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         B, T = ids.shape
-        x = self.up(self.tokens(ids))  # (B, T, d)
+        x = self.tokens(ids)  # (B, T, d)
         x = x + self.positions(position_ids(T, self.cfg.max_positions, ids.device))  # (B, T, d)
         return self.drop(self.norm(x))
 
@@ -243,15 +259,19 @@ class Fusion(nn.Module):
 
 
 class HybridEncoder(nn.Module):
-    """The backbone: token ids (B, T) and mask (B, T) -> unit-norm sentence embeddings (B, out_dim)."""
+    """The backbone: token ids (B, T) and mask (B, T) -> unit-norm sentence embeddings (B, out_dim).
+
+    With ``conv_kernels=()`` there is no convolution block and no fusion: the
+    transformer path alone feeds the output projection (the ablation).
+    """
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
-        self.embed = FactorisedEmbedding(cfg)
-        self.conv = MultiScaleConv(cfg)
+        self.embed = TokenEmbedding(cfg)
+        self.conv = MultiScaleConv(cfg) if cfg.conv_kernels else None
         self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.fusion = Fusion(cfg)
+        self.fusion = Fusion(cfg) if cfg.conv_kernels else None
         self.out = nn.Linear(cfg.d_model, cfg.out_dim)
         if cfg.out_dim == cfg.d_model:
             with torch.no_grad():  # start as the identity: the teacher pools its last layer as-is
@@ -263,25 +283,32 @@ class HybridEncoder(nn.Module):
         mask = mask.bool()
         dense = bool(mask.all())
         x = self.embed(ids)  # (B, T, d)
-        local = self.conv(x, mask)  # (B, T, d)
+        local = self.conv(x, mask) if self.conv is not None else x  # (B, T, d)
         h = local
         for block in self.blocks:
             h = block(h, mask, dense)  # (B, T, d)
         return local, h
 
+    def head(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
+        """Fusion then output projection, in the head's own dtype (the runtime keeps it FP32)."""
+        dtype = next((p.dtype for p in self.out.parameters()), torch.float32)  # INT8 linears hold none
+        fused = global_.to(dtype) if self.fusion is None else self.fusion(local.to(dtype), global_.to(dtype))
+        return self.out(fused)
+
     def token_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-token output vectors (B, T, out_dim), before pooling."""
         local, h = self.features(ids, mask)
-        return self.out(self.fusion(local, h))  # (B, T, out_dim)
+        return self.head(local, h)  # (B, T, out_dim)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.fusion.method == "attention":  # per-token softmax: fuse every token, then pool
+        if self.fusion is not None and self.fusion.method == "attention":  # per-token softmax: fuse, then pool
             return l2_normalize(mean_pool(self.token_states(ids, mask), mask))  # (B, out_dim)
         # concat and weighted fusion and the output projection are affine per token, and
         # the masked mean is a weighted average of tokens with weights summing to one, so
-        # pooling first gives the same vector with (B, d) products instead of (B, T, d)
+        # pooling first gives the same vector with (B, d) products instead of (B, T, d).
+        # Pooling sums up to T half-precision rows: do it in FP32.
         local, h = self.features(ids, mask)
-        return l2_normalize(self.out(self.fusion(mean_pool(local, mask), mean_pool(h, mask))))  # (B, out_dim)
+        return l2_normalize(self.head(mean_pool(local.float(), mask), mean_pool(h.float(), mask)))  # (B, out_dim)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -351,58 +378,134 @@ def update_checkpoint_metrics(path: str | Path, metrics: dict) -> dict:
     return {k: v for k, v in ckpt.items() if k != "state"}
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[HybridEncoder, dict]:
-    """Rebuild the model from a checkpoint written by ``save_checkpoint``; returns (model, meta)."""
+def load_checkpoint(path: str | Path, map_location: str = "cpu", dtype: torch.dtype = torch.float32
+                    ) -> tuple[HybridEncoder, dict]:
+    """Rebuild the model from a checkpoint written by ``save_checkpoint``; returns (model, meta).
+
+    The weights are dequantized straight into ``dtype``: a BF16 runtime never
+    holds an FP32 copy of the model.
+    """
     from hybridrag.models.quantization import unpack_state_dict
 
     ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format={ckpt.get('format')!r})")
     cfg = Config(**ckpt["config"])
-    model = HybridEncoder(cfg)
-    model.load_state_dict(unpack_state_dict(ckpt["state"]))
+    with torch.device("meta"):
+        model = HybridEncoder(cfg)
+    state = unpack_state_dict(ckpt.pop("state"), dtype=dtype)
+    model.load_state_dict(state, assign=True)
     meta = {k: v for k, v in ckpt.items() if k != "state"}
     return model, meta
 
 
+def checkpoint_path(name_or_path: str | Path | None) -> Path:
+    """A profile name (``hybrid``, ``hybrid-fast``), a checkpoint path, or None (the default profile)."""
+    if name_or_path is None:
+        return DEFAULT_CHECKPOINT
+    if str(name_or_path) in PROFILES:
+        return PROFILES[str(name_or_path)]
+    return Path(name_or_path)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def select_precision(device: torch.device | str, requested: str = "auto") -> str:
+    """The precision a runtime uses on ``device``: ``requested`` unless it is ``auto``.
+
+    ``auto`` picks what the hardware runs natively, measured in bench/encoder.py:
+    FP16 on CUDA; BF16 on a CPU with AVX-512 BF16 or AMX (about 2.8x FP32 on
+    2 EPYC cores); FP32 elsewhere, since BF16 without those units is emulated
+    and slower than FP32. Dynamic INT8 (``int8``) lost to BF16 on every CPU we
+    measured, so it is never picked automatically.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"{requested} is not a valid precision ({', '.join(PRECISIONS)})")
+    device = torch.device(device)
+    if requested != "auto":
+        if device.type == "cpu" and requested == "fp16":
+            raise ValueError("fp16 needs CUDA; on a CPU use bf16 or fp32")
+        return requested
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
 # ----------------------------------------------------------------------------- runtime
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+
+
+def cast_for_inference(model: HybridEncoder, device: torch.device, precision: str) -> HybridEncoder:
+    """The body in ``precision`` on ``device``, the pooled head (fusion, output projection) in FP32."""
+    if precision == "int8":
+        from hybridrag.models.quantization import quantize_encoder
+
+        return quantize_encoder(model, device, inplace=True)
+    model = model.to(device=device, dtype=_DTYPES[precision])
+    for head in (model.fusion, model.out):
+        if head is not None:
+            head.float()
+    return model
 
 
 class HybridEncoderRuntime:
-    """A trained hybrid encoder behind the ``Encoder`` protocol; thread-safe.
+    """A hybrid encoder checkpoint behind the ``encode(texts)`` interface; thread-safe.
 
-    ``quantize=True`` runs the attention and feed-forward linears with INT8
-    weights (dynamic INT8 on CPU, FP16 activations on CUDA).
+    ``precision`` is ``auto`` (see ``select_precision``), ``fp32``, ``bf16``,
+    ``fp16`` (CUDA) or ``int8`` (dynamic INT8 linears on the CPU). The body
+    (embeddings, convolution, transformer blocks) runs in that precision; the
+    pooled head stays FP32. ``quantize`` is the older switch: True means
+    ``auto``, False means ``fp32``.
     """
 
     dim: int
     version: str
 
-    def __init__(self, model: HybridEncoder, meta: dict, device: str = "cpu", quantize: bool = True):
+    def __init__(self, model: HybridEncoder, meta: dict, device: str = "cpu", quantize: bool | None = None,
+                 precision: str = "auto"):
         from tokenizers import Tokenizer
 
-        from hybridrag.models.quantization import quantize_encoder
-
+        if quantize is not None:
+            precision = "auto" if quantize else "fp32"
         self.meta = meta
         self.cfg = model.cfg
         self.device = torch.device(device)
-        self.quantized = bool(quantize)
-        model = model.eval()
-        self.model = quantize_encoder(model, self.device, inplace=True) if quantize else model.to(self.device)
+        self.precision = select_precision(self.device, precision)
+        self.model = cast_for_inference(model.eval(), self.device, self.precision)
+        self.quantized = self.precision != "fp32"
         self.dim = self.cfg.out_dim
-        self.version = meta["version"] + ("-int8" if quantize else "")
+        # BF16/FP16 embeddings agree with FP32 to cosine > 0.9999, so they share the weights'
+        # version; dynamic INT8 does not (cosine ~0.99), so its vectors are versioned apart
+        self.version = meta["version"] + ("-int8" if self.precision == "int8" else "")
         want = meta.get("tokenizer", {}).get("sha256")
         if want and want != tokenizer_sha256():
             raise ValueError(f"checkpoint {meta['version']} was trained with another tokenizer ({want[:12]})")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path()))
         self.tokenizer.no_padding()
         self._lock = threading.Lock()
+        log.info("hybrid encoder %s: %s on %s (CPU flags: %s)", self.version, self.precision, self.device,
+                 ", ".join(sorted(cpu_flags() & {"avx512_bf16", "avx512_vnni", "amx_bf16", "avx2"})) or "none")
 
     @classmethod
-    def load(cls, path: str | None = None, device: str = "cpu", quantize: bool = True) -> "HybridEncoderRuntime":
-        """Load a checkpoint (None: the shipped default) onto ``device``."""
-        model, meta = load_checkpoint(path or DEFAULT_CHECKPOINT)
-        return cls(model, meta, device=device, quantize=quantize)
+    def load(cls, path: str | Path | None = None, device: str = "cpu", quantize: bool | None = None,
+             precision: str = "auto") -> "HybridEncoderRuntime":
+        """Load a profile or checkpoint (None: the default profile) onto ``device``."""
+        if quantize is not None:
+            precision = "auto" if quantize else "fp32"
+        chosen = select_precision(device, precision)
+        body = torch.float32 if chosen in ("fp32", "int8") else _DTYPES[chosen]
+        model, meta = load_checkpoint(checkpoint_path(path), dtype=body)
+        return cls(model, meta, device=device, precision=chosen)
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         """WordPiece ids per text, [CLS] ... [SEP], truncated to ``max_length`` (default cfg.max_seq_len)."""

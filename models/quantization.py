@@ -12,7 +12,11 @@ is needed there either.
   fbgemm/x86 INT8 GEMMs with per-channel weights and dynamic activation scales.
 - CUDA: ``Int8Linear`` keeps INT8 weights and dequantizes them to FP16 for each
   matmul; activations run in FP16.
-- Both: the factorised token table is stored INT8 and dequantized per looked-up row.
+- Both: the token table is stored INT8 and dequantized per looked-up row.
+
+The serving runtime's default on a CPU is BF16, not these INT8 GEMMs: the
+checkpoint stores INT8 matrices and the runtime dequantizes them once, at load,
+into BF16 (see ``hybrid_encoder.select_precision`` for the measurements).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """(q int8 (R, C), scale (R,)) -> float (R, C)."""
-    return q.to(dtype) * scale.to(dtype)[:, None]
+    return (q.float() * scale.float()[:, None]).to(dtype)  # one rounding, in FP32
 
 
 def pack_state_dict(state: dict[str, torch.Tensor]) -> dict:
@@ -53,12 +57,20 @@ def pack_state_dict(state: dict[str, torch.Tensor]) -> dict:
     return packed
 
 
-def unpack_state_dict(packed: dict) -> dict[str, torch.Tensor]:
-    """Inverse of ``pack_state_dict`` (INT8 matrices come back dequantized to float32)."""
-    return {
-        name: dequantize_per_channel(v["q"], v["scale"]) if isinstance(v, dict) else v
-        for name, v in packed.items()
-    }
+def unpack_state_dict(packed: dict, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Inverse of ``pack_state_dict``: every float tensor comes back in ``dtype``.
+
+    Entries are popped as they are converted, so the packed and the unpacked
+    copies of a tensor are never both alive.
+    """
+    out = {}
+    for name in list(packed):
+        v = packed.pop(name)
+        if isinstance(v, dict):
+            out[name] = dequantize_per_channel(v["q"], v["scale"], dtype=dtype)
+        else:
+            out[name] = v.to(dtype) if v.is_floating_point() else v
+    return out
 
 
 class Int8Embedding(nn.Module):

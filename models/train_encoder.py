@@ -67,12 +67,6 @@ def teacher_state_dict() -> dict[str, torch.Tensor]:
     return load_file(str(Path(minilm_model_dir()) / "model.safetensors"))
 
 
-def factorise_embedding(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-r factorisation (truncated SVD): table (V, d) ~= A (V, r) @ B (r, d)."""
-    U, S, Vh = torch.linalg.svd(table.float(), full_matrices=False)
-    return U[:, :rank] * S[:rank], Vh[:rank]
-
-
 def ffn_keep_indices(w_in: torch.Tensor, w_out: torch.Tensor, keep: int) -> torch.Tensor:
     """The ``keep`` feed-forward neurons with the largest |w_in row| * |w_out column|, in order."""
     importance = w_in.norm(dim=1) * w_out.norm(dim=0)  # (d_ff,)
@@ -81,16 +75,15 @@ def ffn_keep_indices(w_in: torch.Tensor, w_out: torch.Tensor, keep: int) -> torc
 
 @torch.no_grad()
 def init_from_teacher(model: HybridEncoder, layers: Sequence[int], teacher: dict | None = None) -> HybridEncoder:
-    """Seed ``model`` with MiniLM's embeddings and the given teacher ``layers`` (one per block)."""
+    """Seed ``model`` with MiniLM's embedding tables and the given teacher ``layers`` (one per block)."""
     cfg = model.cfg
     sd = teacher if teacher is not None else teacher_state_dict()
+    layers = list(layers)
     if len(layers) != cfg.n_layers:
         raise ValueError(f"need {cfg.n_layers} teacher layers, got {list(layers)}")
     if cfg.d_model != sd["embeddings.word_embeddings.weight"].shape[1]:
         raise ValueError("teacher init needs d_model equal to the teacher's width (384)")
-    A, B = factorise_embedding(sd["embeddings.word_embeddings.weight"], cfg.embed_rank)
-    model.embed.tokens.weight.copy_(A)
-    model.embed.up.weight.copy_(B.T)
+    model.embed.tokens.weight.copy_(sd["embeddings.word_embeddings.weight"])
     # BERT adds token-type 0 to every token: fold it into the positions
     pos = sd["embeddings.position_embeddings.weight"] + sd["embeddings.token_type_embeddings.weight"][0]
     model.embed.positions.weight.copy_(pos[: cfg.max_positions])
@@ -246,6 +239,17 @@ def _load_teacher_store(store: Path) -> dict[bytes, np.ndarray]:
     return known
 
 
+def teacher_runtime(device: str = "cpu") -> "HybridEncoderRuntime":
+    """all-MiniLM-L6-v2 itself, rebuilt from its weights in this file's backbone: all six
+    layers, no convolution block. In the hardware's native precision (BF16 on a CPU with
+    AVX-512 BF16) it embeds ~2.8x faster than sentence-transformers' FP32, at cosine
+    > 0.9999 to it, which makes the one-off teacher pass of a training set affordable."""
+    from hybridrag.models.hybrid_encoder import HybridEncoderRuntime
+
+    model = init_from_teacher(HybridEncoder(Config(n_layers=6, conv_kernels=())), range(6))
+    return HybridEncoderRuntime(model, {"version": "minilm-l6-v2"}, device=device)
+
+
 def teacher_embeddings(strings: Sequence[str], cache_dir: Path, chunk: int = 2048, device: str = "cpu",
                        max_len: int = 128) -> np.ndarray:
     """Teacher embeddings float32 (N, 384) of ``strings``.
@@ -264,15 +268,12 @@ def teacher_embeddings(strings: Sequence[str], cache_dir: Path, chunk: int = 204
             first_seen.setdefault(k, i)
     todo = list(first_seen.values())
     if todo:
-        from hybridrag.models.encoders import OriginalEncoder
-
-        teacher = OriginalEncoder(device=device)
-        teacher.model.max_seq_length = max_len
+        teacher = teacher_runtime(device)
         n_shards = len(list(store.glob("shard-*.npz")))
         for c in tqdm(range(0, len(todo), chunk), desc="teacher embeddings", unit="chunk",
                       total=math.ceil(len(todo) / chunk)):
             idx = todo[c : c + chunk]
-            emb = teacher.encode([strings[i] for i in idx], batch_size=128)
+            emb = teacher.encode([strings[i] for i in idx], batch_size=64, max_length=max_len)
             shard_keys = np.frombuffer(b"".join(keys[i] for i in idx), dtype="V20")
             tmp = store / f"shard-{n_shards:05d}.tmp.npz"
             np.savez(tmp, keys=shard_keys, emb=emb)
@@ -298,9 +299,14 @@ class TrainingData:
 
 
 def load_training_data(max_texts: int, max_pairs: int, max_len: int, seed: int, device: str = "cpu",
-                       n_val: int = 1000, extra_pairs: int = 0) -> TrainingData:
+                       n_val: int = 1000, extra_pairs: int = 0, sources: Sequence[str] | None = None,
+                       long_passages: int = 0) -> TrainingData:
     """Sample the offline corpora (never a held-out item), tokenize, and fetch cached teacher embeddings.
 
+    ``sources`` names the corpora to read (default: all training sources); a
+    domain left out here is never seen in training. ``long_passages``
+    multi-paragraph passages join the texts, each also paired with one of its
+    own sentences, so the student sees the long inputs it will serve.
     The teacher embeds the texts and the first ``max_pairs`` pairs; ``extra_pairs`` more
     pairs come without teacher embeddings, for the contrastive loss only.
     """
@@ -308,8 +314,20 @@ def load_training_data(max_texts: int, max_pairs: int, max_len: int, seed: int, 
 
     from hybridrag.models import corpora
 
-    texts = corpora.training_texts(limit=max_texts + n_val, seed=seed)
-    pairs = corpora.training_pairs(limit=max_pairs + n_val + extra_pairs, seed=seed)
+    sources = tuple(sources or corpora.TRAINING_SOURCES)
+    pair_sources = [x for x in sources if x in corpora.PAIR_SOURCES]
+    texts = corpora.training_texts(limit=max_texts + n_val, seed=seed, sources=sources)
+    pairs = corpora.training_pairs(limit=max_pairs + n_val + extra_pairs, seed=seed, sources=pair_sources)
+    if long_passages:
+        # mixed in at random (validation included), so every slice of the stream has its share
+        rng = random.Random(seed)
+        long_pairs = corpora.training_passages(limit=long_passages, seed=seed, sources=sources)
+        texts = texts + [p for _, p in long_pairs]
+        rng.shuffle(texts)
+        taught = pairs[: max_pairs + n_val] + long_pairs
+        rng.shuffle(taught)
+        pairs = taught + pairs[max_pairs + n_val :]
+        max_pairs += len(long_pairs)
     index: dict[str, int] = {}
     for s in [*texts, *(x for p in pairs[: max_pairs + n_val] for x in p)]:
         index.setdefault(s, len(index))
@@ -459,27 +477,55 @@ def plot_history(history: list[dict], csv_path: Path, png_path: Path) -> Path | 
 # ----------------------------------------------------------------------------- trainer
 
 
+# the teacher layers each profile starts from, chosen by measurement (see bench/README.md)
+PROFILE_LAYERS = {"hybrid": (0, 1, 2, 3, 4, 5), "hybrid-fast": (0, 2, 4, 5)}
+
+
 @dataclass
 class TrainConfig:
     out: str = str(DEFAULT_CHECKPOINT)  # the compact checkpoint written at every validation and at the end
-    steps: int = 450  # optimiser steps (the LR schedule spans them)
-    minutes: float = 40.0  # wall-clock budget of the step loop: stop cleanly (and save) when it runs out
-    batch_size: int = 64  # texts and pairs per micro-batch
+    steps: int = 3000  # optimiser steps (the LR schedule spans them)
+    minutes: float = 60.0  # wall-clock budget of this invocation: stop cleanly (and save) when it runs out
+    batch_size: int = 32  # texts and pairs per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
-    lr: float = 1.5e-4  # peak AdamW learning rate; higher undoes the teacher init faster than it learns
-    warmup: int = 30  # linear warmup steps (short: the fitted init is already a sane point)
+    lr: float = 1e-4  # peak AdamW learning rate; higher undoes the teacher init faster than it learns
+    warmup: int = 100  # linear warmup steps
     w_nce: float = 0.1  # weight of the contrastive loss next to the distillation losses
     weight_decay: float = 0.01
-    max_texts: int = 16000  # distillation texts sampled from the corpora (the teacher embeds each)
-    max_pairs: int = 6000  # (query, passage) pairs the teacher embeds too
+    max_texts: int = 24000  # distillation texts sampled from the corpora (the teacher embeds each)
+    max_pairs: int = 8000  # (query, passage) pairs the teacher embeds too
     extra_pairs: int = 40000  # more pairs for the contrastive loss only (no teacher cost)
-    max_len: int = 128  # training truncation (most texts are far shorter)
-    teacher_layers: tuple[int, ...] = (0, 5)  # teacher layers that seed the student's blocks
+    long_passages: int = 3000  # multi-paragraph passages (up to max_len tokens) among the texts
+    max_len: int = 256  # training truncation: the serving limit, so long passages are seen whole
+    teacher_layers: tuple[int, ...] = PROFILE_LAYERS["hybrid-fast"]  # teacher layers that seed the blocks
+    held_out_source: str = "foldoc"  # a whole domain kept out of training, scored as its own row
+    freeze_token_embeddings: bool = True  # tokens unseen in training keep the teacher's vectors
+    amp: bool = True  # BF16 autocast on CPUs with native BF16 (FP16 on CUDA); FP32 master weights
     val_every: int = 100  # steps between validations and checkpoint saves
     fit_samples: int = 4000  # texts for the closed-form fit of the output projection at init
     seed: int = 1234
     device: str = "auto"  # auto: cuda when available
     model: dict = field(default_factory=dict)  # overrides of hybrid_encoder.Config
+
+    def sources(self) -> tuple[str, ...]:
+        from hybridrag.models.corpora import TRAINING_SOURCES
+
+        return tuple(x for x in TRAINING_SOURCES if x != self.held_out_source)
+
+
+def same_run(saved: dict, now: dict) -> bool:
+    """Whether a saved trainer state can be resumed under ``now``: everything but the budgets
+    must match. A larger ``steps`` extends the run (the cosine schedule stretches from
+    the step reached); ``minutes`` is per invocation."""
+    budgets = ("steps", "minutes")
+    return {k: v for k, v in saved.items() if k not in budgets} == {k: v for k, v in now.items() if k not in budgets}
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The half precision autocast should use on ``device``, or None where it would be emulated."""
+    from hybridrag.models.hybrid_encoder import select_precision
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(select_precision(device))
 
 
 class Trainer:
@@ -498,13 +544,15 @@ class Trainer:
         torch.manual_seed(self.tc.seed)
         model = HybridEncoder(Config(**self.tc.model))
         model = init_from_teacher(model, self.tc.teacher_layers)
-        if not fit:
-            return model
+        if not fit or tuple(self.tc.teacher_layers) == PROFILE_LAYERS["hybrid"]:
+            return model  # with every teacher layer the identity projection is already exact
         # the dropped layers leave the pooled features far from the teacher's; a closed-form
         # output map closes most of that gap before the first gradient step
         idx = data.texts[: self.tc.fit_samples] + [p for pair in data.pairs[: self.tc.fit_samples // 2] for p in pair]
         idx = [i for i in idx if data.known[i]]
-        cos = fit_output_projection(model, [data.ids[i] for i in idx], data.teacher[idx])
+        amp_dtype = autocast_dtype(self.device) if self.tc.amp else None
+        with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            cos = fit_output_projection(model, [data.ids[i] for i in idx], data.teacher[idx])
         print(f"output projection fitted on {len(idx)} texts: train cos to teacher {cos:.3f}")
         return model
 
@@ -514,16 +562,20 @@ class Trainer:
         np.random.seed(tc.seed)
         torch.manual_seed(tc.seed)
         data = load_training_data(tc.max_texts, tc.max_pairs, tc.max_len, tc.seed, device=str(self.device),
-                                  extra_pairs=tc.extra_pairs)
+                                  extra_pairs=tc.extra_pairs, sources=tc.sources(), long_passages=tc.long_passages)
         state = None
         if resume and self.state_path.exists():
             state = torch.load(self.state_path, map_location=self.device, weights_only=False)
-            if state["train_config"] != asdict(tc):
+            if not same_run(state["train_config"], asdict(tc)):
                 print(f"{self.state_path} belongs to another configuration: starting afresh")
                 state = None
         model = self._fresh_model(data, fit=state is None).to(self.device)
+        if tc.freeze_token_embeddings:
+            model.embed.tokens.weight.requires_grad_(False)
         distiller = Distiller(model, w_nce=tc.w_nce)
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                weight_decay=tc.weight_decay)
+        amp_dtype = autocast_dtype(self.device) if tc.amp else None
         step, position, history = 0, (0, 0), []
         if state is not None:
             model.load_state_dict(state["model"])
@@ -551,7 +603,8 @@ class Trainer:
                 epoch, k, texts, pairs = next(stream)
                 position = (epoch, k + 1)
                 batch = make_batch(data, texts, pairs).to(self.device)
-                loss, parts = distiller(batch)
+                with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, parts = distiller(batch)
                 (loss / tc.grad_accum).backward()
                 for name, v in parts.items():
                     smooth[name] = v if name not in smooth else 0.98 * smooth[name] + 0.02 * v
@@ -593,7 +646,8 @@ class Trainer:
 
 @app.command("encoder")
 def train_encoder(
-    out: Path = typer.Option(DEFAULT_CHECKPOINT, help="compact checkpoint to write"),
+    profile: str = typer.Option("hybrid-fast", help="hybrid | hybrid-fast: the teacher layers and the output name"),
+    out: Optional[Path] = typer.Option(None, help="checkpoint to write (default: the profile's shipped checkpoint)"),
     steps: int = typer.Option(TrainConfig.steps, help="optimiser steps"),
     minutes: float = typer.Option(TrainConfig.minutes, help="wall-clock budget; saves and stops when spent"),
     batch_size: int = typer.Option(TrainConfig.batch_size),
@@ -603,22 +657,28 @@ def train_encoder(
     max_texts: int = typer.Option(TrainConfig.max_texts, help="distillation texts to sample"),
     max_pairs: int = typer.Option(TrainConfig.max_pairs, help="(query, passage) pairs the teacher embeds"),
     extra_pairs: int = typer.Option(TrainConfig.extra_pairs, help="more pairs for the contrastive loss only"),
+    long_passages: int = typer.Option(TrainConfig.long_passages, help="multi-paragraph passages among the texts"),
+    held_out: str = typer.Option(TrainConfig.held_out_source, help="a training source kept out entirely"),
     val_every: int = typer.Option(TrainConfig.val_every),
     seed: int = typer.Option(TrainConfig.seed),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     fusion: str = typer.Option(Config.fusion, help="concat | weighted | attention"),
-    embed_rank: int = typer.Option(Config.embed_rank),
-    d_ff: int = typer.Option(Config.d_ff),
-    teacher_layers: str = typer.Option("0,5", help="teacher layers that seed the blocks, comma-separated"),
-    work_dir: Optional[Path] = typer.Option(None, help="resume state and caches (default <data>/cache/encoder-train)"),
+    conv: bool = typer.Option(True, help="the multi-scale convolution block (--no-conv: the ablation)"),
+    teacher_layers: Optional[str] = typer.Option(None, help="teacher layers that seed the blocks (default: the profile's)"),
+    work_dir: Optional[Path] = typer.Option(None, help="resume state (default <data>/cache/encoder-train/<out name>)"),
     resume: bool = typer.Option(True, help="continue from the saved trainer state when its configuration matches"),
 ):
-    """Distil the hybrid encoder from all-MiniLM-L6-v2 and write a compact checkpoint."""
-    layers = tuple(int(x) for x in teacher_layers.split(","))
+    """Distil a hybrid encoder profile from all-MiniLM-L6-v2 and write a compact checkpoint."""
+    from hybridrag.models.hybrid_encoder import PROFILES
+
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"{profile} is not a profile ({', '.join(PROFILES)})")
+    layers = tuple(int(x) for x in teacher_layers.split(",")) if teacher_layers else PROFILE_LAYERS[profile]
+    out = Path(out or PROFILES[profile])
+    model = {"fusion": fusion, "n_layers": len(layers), "conv_kernels": (3, 5, 7) if conv else ()}
     tc = TrainConfig(out=str(out), steps=steps, minutes=minutes, batch_size=batch_size, grad_accum=grad_accum,
                      lr=lr, w_nce=w_nce, max_texts=max_texts, max_pairs=max_pairs, extra_pairs=extra_pairs,
-                     val_every=val_every, seed=seed,
-                     device=device, teacher_layers=layers,
-                     model={"fusion": fusion, "embed_rank": embed_rank, "d_ff": d_ff, "n_layers": len(layers)})
-    metrics = Trainer(tc, work_dir).run(resume=resume)
+                     long_passages=long_passages, held_out_source=held_out, val_every=val_every, seed=seed,
+                     device=device, teacher_layers=layers, model=model)
+    metrics = Trainer(tc, work_dir or data_root() / out.stem).run(resume=resume)
     typer.echo(json.dumps(metrics, indent=2))

@@ -160,7 +160,7 @@ def ingest(
 
 @app.command()
 def reindex(
-    encoder: str = typer.Option(..., help="Encoder to serve: original or hybrid."),
+    encoder: str = typer.Option(..., help="Encoder to serve: hybrid, hybrid-fast or original."),
     checkpoint: str = typer.Option("", help="Hybrid checkpoint; empty means the shipped default."),
 ) -> None:
     """Switch a running deployment to another encoder: the worker re-indexes, then swaps the alias.
@@ -172,14 +172,17 @@ def reindex(
     from hybridrag.models.encoders import load_encoder
     from hybridrag.agents.kafka.schemas import RetentionUpdate, encode
 
+    from hybridrag.agents.cli.errors import BAD_INPUT, CliError
+    from hybridrag.models.encoders import ENCODER_NAMES
+
+    if encoder not in ENCODER_NAMES:
+        raise CliError(f"{encoder} is not an encoder", f"pass --encoder {' | '.join(ENCODER_NAMES)}", BAD_INPUT)
     s = _settings()
     _need_broker(s)
-    if encoder not in ("original", "hybrid"):
-        raise typer.BadParameter(f"{encoder} is not a valid encoder (original, hybrid)")
-    if encoder == "hybrid":
-        from hybridrag.models.hybrid_encoder import DEFAULT_CHECKPOINT
+    if encoder != "original":
+        from hybridrag.models.hybrid_encoder import checkpoint_path
 
-        checkpoint = str(Path(checkpoint or DEFAULT_CHECKPOINT).resolve())
+        checkpoint = str(checkpoint_path(checkpoint or encoder).resolve())
     version = load_encoder(encoder, checkpoint=checkpoint or None).version
     update = RetentionUpdate(kind="encoder-promoted", encoder_version=version, checkpoint=checkpoint,
                              detail="promoted by hand (hybridrag reindex)")

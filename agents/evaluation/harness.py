@@ -404,19 +404,21 @@ def _original(opts: SystemOptions) -> System:
                        cache=opts.cache, progress=opts.progress)
 
 
-def _hybrid(quantize: bool) -> SystemFactory:
+def _hybrid(name: str, profile: str | None, precision: str) -> SystemFactory:
     def factory(opts: SystemOptions) -> System:
         from hybridrag.models.hybrid_encoder import HybridEncoderRuntime
 
-        enc = HybridEncoderRuntime.load(opts.checkpoint, device=opts.device, quantize=quantize)
-        name = "hybrid-int8" if quantize else "hybrid-fp32"
+        enc = HybridEncoderRuntime.load(opts.checkpoint or profile, device=opts.device, precision=precision)
         return DenseSystem(name, enc, batch_size=opts.batch_size, cache=opts.cache, progress=opts.progress)
 
     return factory
 
 
-register_system("hybrid-fp32")(_hybrid(False))
-register_system("hybrid-int8")(_hybrid(True))
+# the shipped profiles in the precision the runtime picks on this machine; hybrid-fp32 and
+# hybrid-int8 are the default profile (or --checkpoint) in FP32 and with dynamic INT8 linears
+for _name, _profile, _precision in (("hybrid", "hybrid", "auto"), ("hybrid-fast", "hybrid-fast", "auto"),
+                                    ("hybrid-fp32", None, "fp32"), ("hybrid-int8", None, "int8")):
+    register_system(_name)(_hybrid(_name, _profile, _precision))
 
 
 @register_system("topk")

@@ -39,7 +39,7 @@ def installed(tmp_path_factory) -> Path:
         names = z.namelist()
         (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
         assert z.read(top_level).decode().split() == ["hybridrag"]
-    for shipped in ("hybridrag/agents/kafka/topics.yaml", "hybridrag/models/checkpoints/hybrid-default.pt",
+    for shipped in ("hybridrag/agents/kafka/topics.yaml", "hybridrag/models/checkpoints/hybrid.pt",
                     "hybridrag/agents/resources/demo/corpus.jsonl"):
         assert shipped in names, shipped
     venv = root / "venv"

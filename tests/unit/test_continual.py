@@ -76,7 +76,7 @@ def test_the_sampler_is_seeded():
 
 def _tiny_model(seed: int = 0) -> HybridEncoder:
     torch.manual_seed(seed)
-    return HybridEncoder(Config(vocab_size=64, embed_rank=8, d_model=16, n_heads=2, n_layers=1, d_ff=32,
+    return HybridEncoder(Config(vocab_size=64, d_model=16, n_heads=2, n_layers=1, d_ff=32,
                                 max_positions=32, max_seq_len=32, conv_kernels=(3,), out_dim=16))
 
 

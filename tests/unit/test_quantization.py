@@ -16,7 +16,7 @@ from hybridrag.models.quantization import (
     weight_bytes,
 )
 
-TINY = dict(vocab_size=500, embed_rank=16, d_model=64, n_heads=4, n_layers=2, d_ff=128, out_dim=48,
+TINY = dict(vocab_size=500, d_model=64, n_heads=4, n_layers=2, d_ff=128, out_dim=48,
             max_positions=64, max_seq_len=32, dropout=0.0)
 
 
