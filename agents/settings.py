@@ -74,7 +74,7 @@ class Settings(BaseSettings):
 
     # --- Models --------------------------------------------------------------
     encoder: Literal["hybrid", "hybrid-fast", "original"] = _f(
-        "original", "Encoder for queries and documents: a hybrid profile, or all-MiniLM-L6-v2 (the fallback).")
+        "hybrid", "Encoder for queries and documents: a hybrid profile, or all-MiniLM-L6-v2 (the fallback).")
     encoder_checkpoint: str = _f("", "Hybrid encoder checkpoint; empty means the profile's shipped one.")
     encoder_precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = _f(
         "auto", "Hybrid encoder precision; auto: BF16 on CPUs with AVX-512 BF16, FP16 on CUDA, else FP32.")

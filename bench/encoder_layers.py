@@ -48,8 +48,9 @@ def main() -> None:
                                              "seconds": time.perf_counter() - start}
         print(f"layers {layers}: fitted cos {train_cos:.4f}, val cos {metrics['val_cos']:.4f}, "
               f"pair r@1 {metrics['val_pair_r1']:.3f} (teacher {metrics['val_pair_r1_teacher']:.3f})", flush=True)
-    Path(args.out).write_text(json.dumps({"fit_samples": len(fit_idx), "held_out_source": tc.held_out_source,
-                                          "candidates": rows}, indent=2) + "\n")
+        # after every candidate, so an interrupted run keeps what it measured
+        Path(args.out).write_text(json.dumps({"fit_samples": len(fit_idx), "held_out_source": tc.held_out_source,
+                                              "candidates": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
