@@ -339,17 +339,24 @@ def state_version(packed: dict, cfg: Config) -> str:
     return f"hybrid-{h.hexdigest()[:12]}"
 
 
-def save_checkpoint(path: str | Path, model: HybridEncoder, step: int, metrics: dict | None = None) -> dict:
+def save_checkpoint(path: str | Path, model: HybridEncoder, step: int, metrics: dict | None = None,
+                    space: str | None = None) -> dict:
     """Write a compact, self-describing checkpoint: int8 matrices, everything else as stored.
 
-    Returns the metadata it wrote (format, version, config, tokenizer, step, metrics).
+    ``space`` names the embedding space the weights produce when it is another
+    encoder's: a student that is still the teacher (all six layers, untrained)
+    embeds in MiniLM's space, so what was built for MiniLM (the embedding prior)
+    serves it too. By default a checkpoint is its own space.
+    Returns the metadata it wrote (format, version, space, config, tokenizer, step, metrics).
     """
     from hybridrag.models.quantization import pack_state_dict
 
     packed = pack_state_dict(model.state_dict())
+    version = state_version(packed, model.cfg)
     meta = {
         "format": CHECKPOINT_FORMAT,
-        "version": state_version(packed, model.cfg),
+        "version": version,
+        "space": space or version,
         "config": asdict(model.cfg),
         "tokenizer": {"id": TOKENIZER_ID, "sha256": tokenizer_sha256()},
         "step": int(step),
@@ -487,6 +494,8 @@ class HybridEncoderRuntime:
         # BF16/FP16 embeddings agree with FP32 to cosine > 0.9999, so they share the weights'
         # version; dynamic INT8 does not (cosine ~0.99), so its vectors are versioned apart
         self.version = meta["version"] + ("-int8" if self.precision == "int8" else "")
+        # the embedding space: another encoder's version when these weights still compute it
+        self.space = self.version if self.precision == "int8" else meta.get("space", meta["version"])
         want = meta.get("tokenizer", {}).get("sha256")
         if want and want != tokenizer_sha256():
             raise ValueError(f"checkpoint {meta['version']} was trained with another tokenizer ({want[:12]})")

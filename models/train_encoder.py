@@ -45,6 +45,7 @@ import torch.nn.functional as F
 import typer
 from tqdm import tqdm
 
+from hybridrag.models.encoders import ORIGINAL_VERSION
 from hybridrag.models.hybrid_encoder import DEFAULT_CHECKPOINT, Config, HybridEncoder, save_checkpoint, tokenizer_path
 
 app = typer.Typer(help="Train models.", no_args_is_help=True)
@@ -634,7 +635,10 @@ class Trainer:
         cpu_model = HybridEncoder(model.cfg)
         cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
         train = {k: v for k, v in asdict(self.tc).items() if k != "out"}
-        meta = save_checkpoint(self.out, cpu_model, step, {**metrics, "train": train})
+        # untrained with every teacher layer, the student computes MiniLM's function (checked by a unit test)
+        teacher_equal = step == 0 and tuple(self.tc.teacher_layers) == PROFILE_LAYERS["hybrid"]
+        meta = save_checkpoint(self.out, cpu_model, step, {**metrics, "train": train},
+                               space=ORIGINAL_VERSION if teacher_equal else None)
         stem = self.out.with_suffix("")
         plot_history(history, Path(f"{stem}.loss.csv"), Path(f"{stem}.loss.png"))
         (Path(f"{stem}.json")).write_text(json.dumps({k: v for k, v in meta.items()}, indent=2) + "\n")

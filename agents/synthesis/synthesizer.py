@@ -47,14 +47,20 @@ def load_prior(encoder: Encoder, path: str | Path | None = None):
     """The embedding prior for ``encoder`` (refuses one trained in another encoder's space)."""
     from hybridrag.models.embedding_diffusion import EmbeddingPrior
 
-    p = Path(path) if path else prior_path(encoder.version)
+    space = embedding_space(encoder)
+    p = Path(path) if path else prior_path(space)
     if not p.exists():
         raise FileNotFoundError(f"no embedding prior for encoder {encoder.version} at {p}; "
                                 f"train one with `python -m hybridrag.agents.cli.train_diffusion prior`")
     prior = EmbeddingPrior.load(p)
-    if prior.encoder_version != encoder.version:
-        raise ValueError(f"prior {prior.version} was trained for encoder {prior.encoder_version}, not {encoder.version}")
+    if prior.encoder_version != space:
+        raise ValueError(f"prior {prior.version} was trained for encoder {prior.encoder_version}, not {space}")
     return prior
+
+
+def embedding_space(encoder: Encoder) -> str:
+    """The version whose embedding space ``encoder`` produces (its own unless it says otherwise)."""
+    return getattr(encoder, "space", encoder.version)
 
 
 def load_text_model(path: str | Path | None = None):
@@ -110,8 +116,9 @@ class Synthesizer:
 
     def __init__(self, encoder: Encoder, text_model=None, prior=None, filter_config: FilterConfig | None = None,
                  config: SynthesisConfig | None = None, store_search: StoreSearch | None = None):
-        if prior is not None and prior.encoder_version != encoder.version:
-            raise ValueError(f"prior {prior.version} belongs to encoder {prior.encoder_version}, not {encoder.version}")
+        if prior is not None and prior.encoder_version != embedding_space(encoder):
+            raise ValueError(f"prior {prior.version} belongs to encoder {prior.encoder_version}, "
+                             f"not {embedding_space(encoder)}")
         self.encoder = encoder
         self.text_model = text_model
         self.prior = prior

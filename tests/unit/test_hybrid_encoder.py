@@ -244,3 +244,15 @@ def test_pooling_before_the_affine_head_equals_pooling_after(fusion):
         ids, mask = ids_and_mask()
         after = l2_normalize(mean_pool(model.token_states(ids, mask), mask))
         torch.testing.assert_close(model(ids, mask), after, atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_space_follows_the_weights():
+    """The untrained six-layer profile still computes MiniLM, so MiniLM's embedding prior serves it;
+    a distilled profile is its own space and gets no prior trained for another."""
+    from hybridrag.agents.synthesis.synthesizer import load_prior
+
+    hybrid, fast = HybridEncoderRuntime.load("hybrid"), HybridEncoderRuntime.load("hybrid-fast")
+    assert hybrid.space == "minilm-l6-v2" and fast.space == fast.version
+    assert load_prior(hybrid).encoder_version == "minilm-l6-v2"
+    with pytest.raises(FileNotFoundError):
+        load_prior(fast)
