@@ -62,11 +62,11 @@ from hybridrag.agents.rag.chunking import chunk_document
 from hybridrag.agents.settings import Settings
 from hybridrag.agents.worker_process import start_worker, stop_worker, wait_healthy
 
-# The corpus, its judged queries, their scoring and the --pin split of the CPUs live only in the
-# pipeline bench: imported from there, so that both benches measure the same things the same way.
-# BENCH_CPUS: the broker (which inherits it), this process and its load generator; WORKER_CPUS: the
-# system under test. pipeline reads them at import, before main() narrows this process.
-from pipeline import BENCH_CPUS, WORKER_CPUS, cited_ndcg, load_workload, pct
+# The corpus, its judged queries, their scoring and the --pin split of the CPUs are the pipeline
+# bench's too, so that both measure the same things the same way. BENCH_CPUS: the broker (which
+# inherits it), this process and its load generator; WORKER_CPUS: the system under test. They are
+# read at import, before main() narrows this process.
+from hybridrag.agents.evaluation.loadgen import BENCH_CPUS, WORKER_CPUS, cited_ndcg, load_workload, pct
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -38,7 +38,7 @@ from hybridrag.agents.kafka.broker import EmbeddedBroker, free_port, wait_for_po
 from hybridrag.agents.rag.chunking import chunk_document
 from hybridrag.agents.settings import Settings
 from hybridrag.agents.worker_process import start_worker
-from pipeline import closed_loop, health_rows, load_workload, publish  # noqa: E402  (bench/pipeline.py, beside this script)
+from hybridrag.agents.evaluation.loadgen import closed_loop, health_rows, load_workload, publish
 
 RESULTS = REPO / "bench" / "results"
 

@@ -372,19 +372,6 @@ def save_checkpoint(path: str | Path, model: HybridEncoder, step: int, metrics: 
     return meta
 
 
-def update_checkpoint_metrics(path: str | Path, metrics: dict) -> dict:
-    """Merge ``metrics`` (e.g. evaluation results) into a checkpoint; weights and version stay as they are."""
-    path = Path(path)
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    ckpt["metrics"] = {**ckpt.get("metrics", {}), **metrics}
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
-    return {k: v for k, v in ckpt.items() if k != "state"}
-
-
 def load_checkpoint(path: str | Path, map_location: str = "cpu", dtype: torch.dtype = torch.float32
                     ) -> tuple[HybridEncoder, dict]:
     """Rebuild the model from a checkpoint written by ``save_checkpoint``; returns (model, meta).
