@@ -570,7 +570,8 @@ class Trainer:
             if not same_run(state["train_config"], asdict(tc)):
                 print(f"{self.state_path} belongs to another configuration: starting afresh")
                 state = None
-        model = self._fresh_model(data, fit=state is None).to(self.device)
+        shipped = self._shipped_start() if resume and state is None else None
+        model = self._fresh_model(data, fit=state is None and shipped is None).to(self.device)
         if tc.freeze_token_embeddings:
             model.embed.tokens.weight.requires_grad_(False)
         distiller = Distiller(model, w_nce=tc.w_nce)
@@ -584,6 +585,11 @@ class Trainer:
             step, position, history = state["step"], tuple(state["position"]), state["history"]
             torch.set_rng_state(state["torch_rng"])
             print(f"resumed from {self.state_path} at step {step}")
+        elif shipped is not None:
+            weights, step, history = shipped
+            model.load_state_dict(weights)
+            position = (0, step * tc.grad_accum)
+            print(f"resumed from the weights of {self.out} at step {step} (no trainer state here: fresh optimiser)")
         metrics = validate(model, data, self.device) if step == 0 else {}
         if metrics:
             history.append({"step": 0, **metrics})
@@ -622,6 +628,24 @@ class Trainer:
         if not history or history[-1].get("step") != step or "val_cos" not in history[-1]:
             metrics = self._checkpoint(model, opt, data, step, position, history)
         return metrics
+
+    def _shipped_start(self) -> tuple[dict, int, list[dict]] | None:
+        """(weights, step, history) of the checkpoint at ``out`` when it is this run's model: how a
+        run continues on a machine that has the checkpoint but not the trainer state (which stays
+        under the data directory and is never committed). The optimiser starts afresh."""
+        from hybridrag.models.hybrid_encoder import load_checkpoint
+
+        if not self.out.exists():
+            return None
+        shipped, meta = load_checkpoint(self.out)
+        if meta.get("config") != asdict(Config(**self.tc.model)) or not meta.get("step"):
+            return None
+        stem = self.out.with_suffix("")
+        history = []
+        if Path(f"{stem}.loss.csv").exists():
+            with open(f"{stem}.loss.csv") as f:
+                history = [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+        return shipped.state_dict(), int(meta["step"]), history
 
     def _checkpoint(self, model, opt, data, step, position, history) -> dict:
         metrics = validate(model, data, self.device)
