@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -48,6 +49,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -370,7 +372,7 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
                 "answered": len(traffic.answered), "sent": len(traffic.sent), "duplicates": traffic.duplicates,
                 "dead_letters": b["dead_letters"], "worker_segment": worker_segment[0],
                 "worker_age": round(now - restarted_at[0], 2), "redis_segment": redis_segment[0],
-                "redis_age": round(now - redis_started_at[0], 2),
+                "redis_age": round(now - redis_started_at[0], 2), "load_1m": os.getloadavg()[0],
             })
             await asyncio.sleep(args.sample_s)
 
@@ -433,14 +435,18 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
 
     # the memory counts: what the worker's memory manager recorded against what the answers cited
     memory = MemoryManager(MemoryConfig.from_settings(settings))
-    expected = {"queries": len(traffic.answered),
+
+    def cited() -> dict:
+        return {"queries": len(traffic.answered),
                 "queries_with_hits": sum(1 for d in traffic.answered.values() if d),
                 "accesses": sum(len(set(d)) for d in traffic.answered.values())}
+
     deadline = time.monotonic() + 120
-    while memory.stats()["queries"] < expected["queries"] and time.monotonic() < deadline:
+    while memory.stats()["queries"] < len(traffic.answered) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
     await asyncio.sleep(3)  # anything counted twice would arrive now
-    stats = memory.stats()
+    # both read at one moment: a worker still answering a backlog counts on between two reads
+    expected, stats = cited(), memory.stats()
     counted = {k: stats[k] for k in expected}
     memory.close()
     unanswered = len(traffic.sent) - len(traffic.answered)
@@ -465,7 +471,9 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
         "recovery_s_after_each_kill": {"value": [k["recovery_s"] for k in kills], "target": "<= 60",
                                        "pass": all(k["recovery_s"] <= 60 for k in kills)},
         "unanswered": {"value": unanswered, "target": "0", "pass": unanswered == 0},
-        "memory_counts": {"value": counted, "target": expected, "pass": counted == expected},
+        # only comparable once the backlog is drained: a worker still answering keeps counting after the read
+        "memory_counts": {"value": counted, "target": expected,
+                          "pass": counted == expected if unanswered == 0 else None},
     }
     return {
         "args": vars(args), "cpu_count": os.cpu_count(), "started_at": started_at,
@@ -481,7 +489,7 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
                                   "max": round(float(np.nanmax(red)) / 2**20, 2)},
         "growth_segments": {"rss": rss_per, "redis": red_per},
         "kills": kills, "redis_restart": redis_restart, "checks": checks,
-        "passed": all(c["pass"] for c in checks.values()), "samples": samples,
+        "passed": all(c["pass"] is not False for c in checks.values()) and unanswered == 0, "samples": samples,
     }
 
 
@@ -504,6 +512,7 @@ def main() -> None:
                     help="seconds the lag must stay under one second's worth for a kill to count as recovered")
     ap.add_argument("--measure-s", type=float, default=30.0, help="seconds of the closed-loop measurement")
     ap.add_argument("--concurrency", type=int, default=64, help="queries in flight in the closed loop")
+    ap.add_argument("--bootstrap", default="", help="a Kafka to run against instead of the embedded Tansu broker")
     ap.add_argument("--out", default="soak", help="results name: bench/results/NAME.json and NAME.png")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -512,7 +521,11 @@ def main() -> None:
     owned.start()
     tag = str(int(time.time()))
     try:
-        with EmbeddedBroker(log_path=work / "broker.log") as broker:
+        # the embedded broker keeps every record in memory (Tansu's memory:// storage): fine for minutes,
+        # and the bottleneck within half an hour at this rate; --bootstrap points the soak at a real Kafka
+        broker_cm = (contextlib.nullcontext(SimpleNamespace(bootstrap=args.bootstrap)) if args.bootstrap
+                     else EmbeddedBroker(log_path=work / "broker.log"))
+        with broker_cm as broker:
             settings = Settings(
                 kafka_bootstrap_servers=broker.bootstrap, app_id=f"soak-{tag}", topic_prefix=f"soak{tag}-",
                 milvus_uri=str(work / "milvus.db"), redis_url=owned.url, redis_prefix=f"soak-{tag}",
