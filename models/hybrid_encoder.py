@@ -436,6 +436,11 @@ def select_precision(device: torch.device | str, requested: str = "auto") -> str
 
 # ----------------------------------------------------------------------------- runtime
 
+def legacy_precision(quantize: bool | None, precision: str) -> str:
+    """The older ``quantize`` switch, where a caller still passes it: True is ``auto``, False ``fp32``."""
+    return precision if quantize is None else ("auto" if quantize else "fp32")
+
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
@@ -469,14 +474,11 @@ class HybridEncoderRuntime:
                  precision: str = "auto"):
         from tokenizers import Tokenizer
 
-        if quantize is not None:
-            precision = "auto" if quantize else "fp32"
         self.meta = meta
         self.cfg = model.cfg
         self.device = torch.device(device)
-        self.precision = select_precision(self.device, precision)
+        self.precision = select_precision(self.device, legacy_precision(quantize, precision))
         self.model = cast_for_inference(model.eval(), self.device, self.precision)
-        self.quantized = self.precision != "fp32"
         self.dim = self.cfg.out_dim
         # BF16/FP16 embeddings agree with FP32 to cosine > 0.9999, so they share the weights'
         # version; dynamic INT8 does not (cosine ~0.99), so its vectors are versioned apart
@@ -496,9 +498,7 @@ class HybridEncoderRuntime:
     def load(cls, path: str | Path | None = None, device: str = "cpu", quantize: bool | None = None,
              precision: str = "auto") -> "HybridEncoderRuntime":
         """Load a profile or checkpoint (None: the default profile) onto ``device``."""
-        if quantize is not None:
-            precision = "auto" if quantize else "fp32"
-        chosen = select_precision(device, precision)
+        chosen = select_precision(device, legacy_precision(quantize, precision))
         body = torch.float32 if chosen in ("fp32", "int8") else _DTYPES[chosen]
         model, meta = load_checkpoint(checkpoint_path(path), dtype=body)
         return cls(model, meta, device=device, precision=chosen)
