@@ -39,7 +39,13 @@ $(LLM_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hybridrag demo
 
-test: $(LLM_STAMP)
+# AsyncAPI's own parser, pinned in tests/contract/package.json, validates asyncapi.yaml;
+# its test skips only where node is absent
+CONTRACT_NPM := tests/contract/node_modules/.package-lock.json
+$(CONTRACT_NPM): tests/contract/package-lock.json
+	! command -v npm >/dev/null || npm ci --prefix tests/contract --ignore-scripts --no-audit --no-fund --loglevel=error
+
+test: $(LLM_STAMP) $(CONTRACT_NPM)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 unit: $(STAMP)

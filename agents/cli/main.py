@@ -76,6 +76,16 @@ def topics_list() -> None:
 
 
 @app.command()
+def schemas(out: Path = typer.Option(Path("."), help="Folder to write asyncapi.yaml and schemas/*.json into.")) -> None:
+    """Write the contract: the AsyncAPI 3 document of the topics and the JSON Schema of every message."""
+    from hybridrag.agents.kafka.contract import write_contract
+
+    s = _settings()
+    for path in write_contract(out, s.topology, prefix_default=s.topic_prefix):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
 def worker(create: bool = typer.Option(True, help="Create missing topics before joining the group.")) -> None:
     """Run the Faust worker (same as `faust -A hybridrag.agents.app worker`)."""
     from hybridrag.agents.cli.errors import check_milvus_path

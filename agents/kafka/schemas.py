@@ -1,9 +1,15 @@
 """Message schemas for every topic, encoded as JSON with orjson.
 
 Decoding happens at the edge, once, strictly: a record that is not valid UTF-8
-JSON, is too large, carries unknown fields, has the wrong types, an empty text
-or an unsupported schema version raises ``MessageError`` with a reason that
-the dead-letter record keeps. Inside the pipeline nothing is an untyped dict.
+JSON, is too large, has the wrong types, an empty text or an unsupported
+schema version raises ``MessageError`` with a reason that the dead-letter
+record keeps. Inside the pipeline nothing is an untyped dict.
+
+Fields this version does not know are ignored, not rejected: a client built
+against a newer schema (one more optional field) keeps working with an older
+worker. Each model's ``schema_version`` is its major version, bumped only by a
+change an older reader or writer would break on; ``hybridrag.agents.kafka.contract``
+turns these models into the JSON Schemas and the AsyncAPI document.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
+VERSION_DOC = "Major version of this message's schema; optional on input (absent means the current one)."
+# JSON Schema cannot call _non_blank; this pattern says the same (one non-space character)
+NON_BLANK = {"pattern": r"\S"}
 
 # Ids end up in Milvus filter expressions and Redis keys: a conservative
 # charset rules out injection instead of escaping at every use.
@@ -33,10 +42,11 @@ class MessageError(ValueError):
 
 
 class Message(BaseModel):
-    # strict: "1" is not 1, unknown fields are an error, not silently dropped
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # strict: "1" is not 1. Unknown fields are dropped, so that adding an
+    # optional field is a compatible change in both directions.
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = Field(SCHEMA_VERSION, description=VERSION_DOC)
 
 
 def _non_blank(v: str) -> str:
@@ -48,10 +58,12 @@ def _non_blank(v: str) -> str:
 class Document(Message):
     """A document to index (topic ``documents``)."""
 
-    doc_id: Id
-    text: str  # non-blank, checked below so the reason says "text is empty"
+    doc_id: Id = Field(description="Your id of the document; the record's key. Re-sending an id replaces the document.")
+    # non-blank, checked below so the reason says "text is empty"
+    text: str = Field(description="The text to index; at most HYBRIDRAG_MAX_DOCUMENT_CHARS characters.",
+                      json_schema_extra=NON_BLANK)
     title: str = Field(default="", max_length=1_000)
-    tenant: Tenant = ""  # documents are only retrieved for queries of the same tenant
+    tenant: Tenant = Field("", description="Namespace: the document is only retrieved for queries of the same tenant.")
     metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
 
     _text_non_blank = field_validator("text")(_non_blank)
@@ -60,12 +72,14 @@ class Document(Message):
 class Query(Message):
     """A question (topic ``queries``). The answer carries the same ``query_id``."""
 
-    query_id: Id
-    text: str  # non-blank, checked below so the reason says "text is empty"
-    top_k: Optional[int] = Field(default=None, ge=1)
-    tenant: Tenant = ""
-    include_synthetic: bool = True  # let synthetic documents steer retrieval (never cited)
-    sent_at: Optional[float] = None  # client clock, seconds since the epoch, for latency
+    query_id: Id = Field(description="Your correlation id; the record's key, and the key and query_id of the answer.")
+    # non-blank, checked below so the reason says "text is empty"
+    text: str = Field(description="The question; at most HYBRIDRAG_MAX_QUERY_CHARS characters.",
+                      json_schema_extra=NON_BLANK)
+    top_k: Optional[int] = Field(default=None, ge=1, description="Sources to return; at most HYBRIDRAG_MAX_TOP_K.")
+    tenant: Tenant = Field("", description="Only this tenant's documents are searched.")
+    include_synthetic: bool = Field(True, description="Let synthetic documents steer retrieval (they are never cited).")
+    sent_at: Optional[float] = Field(None, description="Your clock, seconds since the epoch, for latency.")
 
     _text_non_blank = field_validator("text")(_non_blank)
 
@@ -82,14 +96,15 @@ class Source(Message):
 class Answer(Message):
     """An answer (topic ``answers``), correlated with its query by ``query_id``."""
 
-    query_id: str
+    query_id: str = Field(description="The query_id of the query answered; also the record's key.")
     answer: str
     sources: list[Source]
-    confident: bool  # False when no source passed the threshold: the answer says so
+    confident: bool = Field(description="False when no source passed the score threshold; the answer then says so.")
     encoder_version: str
     generator: str
-    timings_ms: dict[str, float]  # buffer_wait, encode, search, fine, generate, total
-    batch_size: int
+    timings_ms: dict[str, float] = Field(description="Milliseconds per stage: buffer_wait, encode, search, fine, "
+                                                     "generate, compute.")
+    batch_size: int = Field(description="Queries answered in the same micro-batch.")
     worker: str = ""
     answered_at: float = Field(default_factory=time.time)
 
@@ -124,15 +139,16 @@ class RetentionUpdate(Message):
 class DeadLetter(BaseModel):
     """What a ``<topic>.dlq`` record holds: the reason and enough to replay the original."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
-    reason: str
-    error_type: str
+    schema_version: Literal[1] = Field(1, description=VERSION_DOC)
+    reason: str = Field(description="Why the record was refused, one line.")
+    error_type: str = Field(description="validation (the record is bad) or processing (it failed while handled).")
     source_topic: str
     partition: int
     offset: int
-    key: Optional[str] = None
-    original_b64: str  # the original bytes, untouched
+    key: Optional[str] = Field(None, description="The original record's key, as UTF-8.")
+    original_b64: str = Field(description="The original record's value, base64, untouched.")
     worker: str = ""
     failed_at: float = Field(default_factory=time.time)
 
@@ -143,6 +159,11 @@ class DeadLetter(BaseModel):
 M = TypeVar("M", bound=Message)
 
 
+def schema_version_of(model: type[BaseModel]) -> int:
+    """The major version a model reads and writes (the default of its ``schema_version``)."""
+    return model.model_fields["schema_version"].default
+
+
 def encode(msg: BaseModel) -> bytes:
     return orjson.dumps(msg.model_dump(mode="json"))
 
@@ -151,10 +172,7 @@ def _summarise(err: ValidationError) -> str:
     parts = []
     for e in err.errors()[:5]:
         loc = ".".join(str(p) for p in e["loc"]) or "message"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{loc}: {msg}")
+        parts.append(f"{loc}: {e['msg']}")
     more = f" (+{err.error_count() - 5} more)" if err.error_count() > 5 else ""
     return "; ".join(parts) + more
 
@@ -173,9 +191,10 @@ def decode(model: type[M], raw: bytes | None, *, max_bytes: int, max_text_chars:
         raise MessageError(f"{kind}: {e}") from None
     if not isinstance(obj, dict):
         raise MessageError(f"wrong schema: expected a JSON object, got {type(obj).__name__}")
-    version = obj.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise MessageError(f"unsupported schema_version {version!r}; this worker reads {SCHEMA_VERSION}")
+    current = schema_version_of(model)
+    version = obj.get("schema_version", current)
+    if version != current:
+        raise MessageError(f"unsupported schema_version {version!r}; this worker reads {current}")
     text = obj.get("text")
     if max_text_chars is not None and isinstance(text, str) and len(text) > max_text_chars:
         raise MessageError(f"oversized text: {len(text)} chars > limit {max_text_chars}")

@@ -101,7 +101,7 @@ def test_poison_pills_are_isolated_and_throughput_holds(make_settings, make_work
     kinds = {
         "malformed JSON": lambda i: b'{"query_id": "p%d", "text": ' % i,
         "wrong schema": lambda i: orjson.dumps({"query_id": f"p{i}", "text": ["not", "a", "string"]}),
-        "unknown field": lambda i: orjson.dumps({"query_id": f"p{i}", "text": "x", "priority": 1}),
+        "Field required": lambda i: orjson.dumps({"query_id": f"p{i}", "priority": 1}),
         "oversized record": lambda i: b'{"query_id": "p%d", "text": "' % i + b"y" * 60_000 + b'"}',
         "text is empty": lambda i: orjson.dumps({"query_id": f"p{i}", "text": ""}),
         "invalid UTF-8": lambda i: b'{"query_id": "p%d", "text": "\xc3\x28"}' % i,
@@ -125,7 +125,7 @@ def test_poison_pills_are_isolated_and_throughput_holds(make_settings, make_work
     letters = [DeadLetter.model_validate(orjson.loads(r.value))
                for r in run(read_topic(settings, settings.topology["queries"].dlq, expect=200))]
     # the specific reasons first: "wrong schema" prefixes several of them
-    order = ["oversized record", "invalid UTF-8", "malformed JSON", "unknown field", "text is empty",
+    order = ["oversized record", "invalid UTF-8", "malformed JSON", "Field required", "text is empty",
              "unsupported schema_version", "wrong schema"]
     reasons = {name: 0 for name in names}
     for dl in letters:

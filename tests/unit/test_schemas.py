@@ -6,7 +6,8 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from hybridrag.agents.kafka.schemas import Answer, DeadLetter, Document, MessageError, Query, dead_letter, decode, encode
+from hybridrag.agents.kafka.schemas import (Answer, DeadLetter, Document, MessageError, Query, dead_letter, decode,
+                                            encode, schema_version_of)
 
 LIMITS = dict(max_bytes=10_000, max_text_chars=1_000)
 
@@ -23,7 +24,6 @@ def test_round_trip():
         (b'{"query_id": "a", "text": "\xff"}', "invalid UTF-8"),
         (b'"a string"', "expected a JSON object"),
         (orjson.dumps({"query_id": "a", "text": 1}), "text: Input should be a valid string"),
-        (orjson.dumps({"query_id": "a", "text": "x", "extra": 1}), "extra: unknown field"),
         (orjson.dumps({"query_id": "a", "text": "x", "schema_version": 2}), "unsupported schema_version 2"),
         (orjson.dumps({"query_id": "a", "text": "y" * 1001}), "oversized text"),
         (orjson.dumps({"query_id": "a", "text": " \n "}), "text is empty"),
@@ -37,6 +37,19 @@ def test_bad_records_are_rejected_with_a_reason(raw, reason):
     with pytest.raises(MessageError) as e:
         decode(Query, raw, **LIMITS)
     assert reason in e.value.reason
+
+
+def test_unknown_fields_from_a_newer_client_are_ignored():
+    """A field this version does not know is dropped, not a reason to dead-letter the record."""
+    q = decode(Query, orjson.dumps({"query_id": "a", "text": "x", "priority": 1, "trace": {"id": "t"}}), **LIMITS)
+    assert q == Query(query_id="a", text="x")
+    assert "priority" not in orjson.loads(encode(q))
+
+
+def test_schema_version_is_optional_and_per_model():
+    assert decode(Query, orjson.dumps({"query_id": "a", "text": "x", "schema_version": 1}), **LIMITS).schema_version == 1
+    assert decode(Query, orjson.dumps({"query_id": "a", "text": "x"}), **LIMITS).schema_version == 1
+    assert schema_version_of(Query) == schema_version_of(DeadLetter) == 1
 
 
 def test_dead_letter_keeps_the_original_bytes():
