@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     kafka_commit_interval_s: float = _f(1.0, "How often acked offsets are committed.", gt=0)
     kafka_fetch_max_wait_ms: int = _f(20, "Longest a fetch waits at the broker for data; bounds the latency of each hop.", ge=0)
     kafka_max_poll_interval_s: float = _f(300.0, "Longest gap between polls before the broker evicts a consumer.", gt=0)
+    broker_schema_validation: bool = _f(
+        False, "The embedded broker (demo) refuses produced records that fail their topic's JSON Schema "
+        "(INVALID_RECORD, error 87) instead of the worker dead-lettering them.")
 
     # --- Micro-batching (the design's StreamBuffer) ---------------------------
     query_batch_max: int = _f(64, "Most queries answered in one batch (stream.take max).", ge=1)

@@ -68,7 +68,13 @@ def run_demo(questions: Path | None = None, corpus: Path | None = None) -> int:
     broker = None
     bootstrap = base.kafka_bootstrap_servers
     if not bootstrap:
-        broker = EmbeddedBroker(log_path=data / "demo-broker.log").start()
+        registry = None
+        if base.broker_schema_validation:
+            from hybridrag.agents.kafka.contract import write_broker_schemas
+
+            registry = data / "demo-broker-schemas"
+            write_broker_schemas(registry, base.topology)
+        broker = EmbeddedBroker(log_path=data / "demo-broker.log", schema_registry=registry).start()
         bootstrap = broker.bootstrap
         typer.echo(f"embedded Tansu broker on {bootstrap}")
     web_port = free_port()

@@ -2,6 +2,11 @@
 
 Memory-only and single-node: for the demo and the tests. Production points
 ``KAFKA_BOOTSTRAP_SERVERS`` at a real Kafka cluster, and nothing else changes.
+
+With a schema registry folder (``<topic>.json`` files, written by
+``contract.write_broker_schemas``) Tansu validates every produced value against
+its topic's JSON Schema and refuses a batch with an invalid record
+(INVALID_RECORD, Kafka error 87) before any consumer sees it.
 """
 
 from __future__ import annotations
@@ -51,9 +56,11 @@ def tansu_binary() -> str:
 class EmbeddedBroker:
     """A Tansu broker on a free loopback port, stopped with the context."""
 
-    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None):
+    def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None,
+                 schema_registry: str | os.PathLike | None = None):
         self.port = port or free_port()
         self.log_path = Path(log_path) if log_path else None
+        self.schema_registry = Path(schema_registry).resolve() if schema_registry else None
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -63,10 +70,15 @@ class EmbeddedBroker:
     def start(self) -> "EmbeddedBroker":
         url = f"tcp://127.0.0.1:{self.port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        args = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        cwd = None
+        if self.schema_registry:
+            # Tansu reads file://PATH relative to its working directory, absolute paths included
+            # it must exist; its <topic>.json files may come later (read on the topic's first produce)
+            self.schema_registry.mkdir(parents=True, exist_ok=True)
+            cwd = self.schema_registry.parent
+            args += ["--schema-registry", f"file://./{self.schema_registry.name}"]
+        self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         wait_for_port("127.0.0.1", self.port)
         log.info("Tansu broker on %s (pid %d)", self.bootstrap, self.proc.pid)
         return self
