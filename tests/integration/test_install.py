@@ -40,7 +40,8 @@ def installed(tmp_path_factory) -> Path:
         (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")]
         assert z.read(top_level).decode().split() == ["hybridrag"]
     for shipped in ("hybridrag/agents/kafka/topics.yaml", "hybridrag/models/checkpoints/hybrid.pt",
-                    "hybridrag/agents/resources/demo/corpus.jsonl"):
+                    "hybridrag/agents/resources/demo/corpus.jsonl", "hybridrag/agents/resources/contract/asyncapi.yaml",
+                    "hybridrag/agents/resources/contract/schemas/query.v1.json"):
         assert shipped in names, shipped
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -79,6 +80,9 @@ def test_the_installed_command_runs_outside_the_checkout(installed, tmp_path):
     assert "queries" in topics and "hybridrag.agents.kafka.schemas.Query" in topics
     settings = hybridrag(installed, "settings", cwd=outside)
     assert str(outside / "data") in settings
+    hybridrag(installed, "schemas", "--out", "contract", cwd=outside)
+    assert (outside / "contract/asyncapi.yaml").read_text() == (REPO / "asyncapi.yaml").read_text()
+    assert (outside / "contract/schemas/dead-letter.v1.json").is_file()
 
 
 def test_a_worker_from_the_install_answers_a_question(installed, make_settings, tmp_path):
