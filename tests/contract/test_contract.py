@@ -206,3 +206,20 @@ def test_the_rules_look_inside_nested_messages():
 def test_a_newer_client_with_an_unknown_field_is_read_not_dead_lettered():
     newer = {**json.loads((RELEASED / "examples.v1.json").read_text())["query.v1"][1], "priority": 3}
     assert S.decode(S.Query, orjson.dumps(newer), max_bytes=1 << 20).query_id == newer["query_id"]
+
+
+def test_the_documents_operations_are_the_workers():
+    """What the document says the worker receives and sends is what its agents subscribe to and send to."""
+    import importlib
+    import inspect
+    import re
+
+    from hybridrag.agents import app as worker_app
+    from hybridrag.agents.kafka.contract import RECEIVES, SENDS
+
+    logical = {spec.name: spec.logical for spec in worker_app.topology.topics.values()}
+    modules = [importlib.import_module(m) for m in worker_app.AGENT_MODULES]
+    received = {logical[t] for agent in worker_app.app.agents.values() for t in agent.channel.topics}
+    sent = {logical[getattr(worker_app, var).get_topic_name()]
+            for mod in modules for var in re.findall(r"\b(\w+_topic)\.send\(", inspect.getsource(mod))}
+    assert set(RECEIVES) == received and set(SENDS) == sent, (received, sent)
