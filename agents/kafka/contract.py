@@ -115,7 +115,7 @@ def _key_schema(model: type[BaseModel], key_field: str) -> dict:
     return {**keep, "description": f"The record's key: the message's {key_field}, as UTF-8."}
 
 
-def _message(name: str, model: type[BaseModel], key: dict, correlated: bool) -> dict:
+def _message(name: str, model: type[BaseModel], key: dict, correlated: bool, key_field: str = "") -> dict:
     stem = file_stem(model)
     doc = " ".join((model.__doc__ or name).split())
     msg = {
@@ -126,11 +126,15 @@ def _message(name: str, model: type[BaseModel], key: dict, correlated: bool) -> 
                        "The version travels in the body's `schema_version`; no header is needed.",
         "contentType": "application/json",
         "payload": {"$ref": f"#/components/schemas/{name}"},
+        # the same schema as the standalone file, for clients that load schemas/*.json by $id
+        "x-schema-id": schema_id(model),
         "bindings": {"kafka": {"key": key, "bindingVersion": KAFKA_BINDING}},
         "examples": [{"name": ex_name, "payload": ex.model_dump(mode="json")} for ex_name, ex in examples()[name]],
     }
     if correlated:
         msg["correlationId"] = {"$ref": "#/components/correlationIds/queryId"}
+    if key_field:
+        msg["x-kafka-key-field"] = key_field  # the payload field whose value is the record's key
     return msg
 
 
@@ -220,7 +224,7 @@ def asyncapi_document(topology: Topology, prefix_default: str = "") -> dict:
                                                    topology.dlq_retention_ms)
         key_field = spec.key
         messages[name] = _message(name, models[name], _key_schema(models[name], key_field),
-                                  correlated="query_id" in models[name].model_fields)
+                                  correlated="query_id" in models[name].model_fields, key_field=key_field)
     messages["DeadLetter"] = _message("DeadLetter", S.DeadLetter, {
         "type": ["string", "null"], "description": "The refused record's own key, unchanged."}, correlated=False)
     return {
