@@ -25,6 +25,16 @@ NEWER_DOCUMENT = {"doc_id": "newer-1", "text": "Paging moves fixed-size pages be
 NEWER_QUERY = {"query_id": "q-newer", "text": "What does paging move?", "priority": 3, "trace": {"id": "t-1"}}
 
 
+def released_records(message: str) -> list[dict]:
+    """What clients of every released version of ``message`` (e.g. "query") wrote."""
+    out = []
+    for path in sorted(RELEASED.glob("examples.v*.json")):
+        for stem, records in json.loads(path.read_text()).items():
+            if stem.split(".v")[0] == message:
+                out += records
+    return out
+
+
 async def _publish(settings, topic: str, records: list[dict], key_field: str) -> None:
     async with AsyncClient(settings) as c:
         for rec in records:
@@ -36,9 +46,9 @@ def test_released_and_newer_records_are_all_accepted_by_the_worker(make_settings
     client's with fields this version does not know, go through a worker: every document is indexed, every
     query answered, nothing dead-lettered. The answers validate against the released answer schema (a v1
     consumer reads them), and every metric the dashboard queries is on this worker's /metrics."""
-    examples = json.loads((RELEASED / "examples.v1.json").read_text())
-    docs = examples["document.v1"] + [NEWER_DOCUMENT]
-    queries = examples["query.v1"] + [NEWER_QUERY]
+    docs, queries = released_records("document"), released_records("query")
+    docs.append(NEWER_DOCUMENT)
+    queries.append(NEWER_QUERY)
     settings = make_settings()
     worker = make_worker(settings)
     topology = settings.topology
