@@ -7,6 +7,7 @@ web port until the runtime is built (and, if asked, enough chunks are indexed).
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -61,3 +62,15 @@ def stop_worker(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: fl
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.wait()
+
+
+def process_figures(pid: int) -> tuple[int | None, float | None]:
+    """(resident bytes, CPU seconds used so far) of a process, from /proc; (None, None) once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return rss, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (FileNotFoundError, ProcessLookupError, StopIteration):
+        return None, None

@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -60,6 +61,7 @@ import orjson
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from hybridrag.agents.evaluation import loadgen
 from hybridrag.agents.kafka.admin import create_topics
 from hybridrag.agents.kafka.broker import EmbeddedBroker, free_port, wait_for_port
 from hybridrag.agents.kafka.schemas import Answer, Query, decode, encode
@@ -67,7 +69,7 @@ from hybridrag.agents.rag.chunking import chunk_document
 from hybridrag.agents.rag.ingest_files import iter_documents
 from hybridrag.agents.retention.memory_manager import MemoryConfig, MemoryManager
 from hybridrag.agents.settings import RESOURCES, Settings
-from hybridrag.agents.worker_process import health, start_worker, stop_worker, wait_healthy
+from hybridrag.agents.worker_process import health, process_figures, start_worker, stop_worker, wait_healthy
 
 
 # ----------------------------------------------------------------------------- the parts the bench owns
@@ -127,6 +129,24 @@ class OwnedRedis:
         finally:
             c.close()
 
+    def memory_breakdown(self) -> dict:
+        """Where ``used_memory`` goes: ``MEMORY USAGE`` of every key, and the server's own overheads."""
+        c = redis.Redis(port=self.port, socket_timeout=10)
+        try:
+            keys = [k.decode() for k in c.scan_iter(count=1000)]
+            pipe = c.pipeline(transaction=False)
+            for k in keys:
+                pipe.memory_usage(k, samples=0)
+            per_key = {k: int(v or 0) for k, v in zip(keys, pipe.execute())}
+            m = c.info("memory")
+            return {"keys": per_key, "server": {f: m.get(f) for f in (
+                "used_memory", "used_memory_dataset", "used_memory_overhead", "used_memory_scripts",
+                "used_memory_lua", "mem_clients_normal", "mem_aof_buffer", "mem_fragmentation_ratio")}}
+        except redis.RedisError:
+            return {}
+        finally:
+            c.close()
+
 
 def worker_env(settings: Settings) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
@@ -152,13 +172,7 @@ class Worker:
         stop_worker(self.proc, signal.SIGKILL)
 
     def rss_bytes(self) -> int | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except (FileNotFoundError, ProcessLookupError, AttributeError):
-            return None
-        return None
+        return process_figures(self.proc.pid)[0] if self.proc else None
 
     def rows(self) -> int | None:
         return health(self.settings.web_port).get("rows")
@@ -175,7 +189,10 @@ class Traffic:
         topo = settings.topology
         self.queries, self.answers, self.dlq = topo["queries"].name, topo["answers"].name, topo["queries"].dlq
         self.sent: dict[str, float] = {}
-        self.answered: dict[str, list[str]] = {}  # query id -> the doc ids its first answer cited
+        # query id -> the doc ids its first answer cited: every answer on the topic, the closed loop's too,
+        # since the memory manager counts them all
+        self.answered: dict[str, list[str]] = {}
+        self.answered_sent = 0  # of them, answers to the queries this object sent
         self.duplicates = 0
         self.waiters: dict[str, asyncio.Future] = {}
         self.n = 0
@@ -210,9 +227,10 @@ class Traffic:
             if ans.query_id in self.answered:
                 self.duplicates += 1
                 continue
+            self.answered[ans.query_id] = [s.doc_id for s in ans.sources]
             if ans.query_id not in self.sent:
                 continue
-            self.answered[ans.query_id] = [s.doc_id for s in ans.sources]
+            self.answered_sent += 1
             fut = self.waiters.pop(ans.query_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -229,7 +247,7 @@ class Traffic:
 
     @property
     def outstanding(self) -> int:
-        return len(self.sent) - len(self.answered)
+        return len(self.sent) - self.answered_sent
 
     async def broker_figures(self) -> dict:
         """The group's committed-offset lag on ``queries`` and the records on ``queries.dlq``."""
@@ -243,22 +261,6 @@ class Traffic:
         for tp in tps:
             lag += max(0, ends[tp] - ((await self.admin.committed(tp)) or 0))
         return {"committed_lag": lag, "dead_letters": sum(ends[tp] for tp in dlq)}
-
-
-async def closed_loop(traffic: Traffic, concurrency: int, seconds: float) -> float:
-    """Keep ``concurrency`` queries in flight for ``seconds``; answers per second."""
-    done = 0
-    deadline = time.monotonic() + seconds
-
-    async def one():
-        nonlocal done
-        while time.monotonic() < deadline:
-            await asyncio.wait_for(await traffic.send("max", wait=True), 300)
-            done += 1
-
-    t0 = time.monotonic()
-    await asyncio.gather(*[one() for _ in range(concurrency)])
-    return done / (time.monotonic() - t0)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -301,6 +303,8 @@ def plot(result: dict, path: Path) -> None:
         ("Redis used_memory (MiB)", [x["redis_used_memory"] / 2**20 if x["redis_used_memory"] else np.nan for x in s]),
         ("Redis keys", [x["redis_keys"] if x["redis_keys"] is not None else np.nan for x in s]),
         ("Milvus rows (worker)", [x["milvus_rows"] if x["milvus_rows"] is not None else np.nan for x in s]),
+        ("broker RSS (MiB)", [x["broker_rss"] / 2**20 if x.get("broker_rss") else np.nan for x in s]),
+        ("broker CPU (cores)", [x["broker_cpu"] if x.get("broker_cpu") is not None else np.nan for x in s]),
         ("lag: sent, not yet answered", [x["outstanding"] for x in s]),
         ("lag: committed offsets behind", [x["committed_lag"] for x in s]),
         ("answers (distinct, cumulative)", [x["answered"] for x in s]),
@@ -326,12 +330,24 @@ def plot(result: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, texts: list[str]) -> dict:
+def memory_growth(before: dict, after: dict, top: int = 8) -> dict:
+    """Which keys and which server overheads grew between two :meth:`OwnedRedis.memory_breakdown` readings."""
+    if not before or not after:
+        return {}
+    b, a = before["keys"], after["keys"]
+    grown = sorted(((a.get(k, 0) - b.get(k, 0), k) for k in set(a) | set(b)), reverse=True)
+    return {"keys_before": len(b), "keys_after": len(a),
+            "keys_bytes_before": sum(b.values()), "keys_bytes_after": sum(a.values()),
+            "top_growers": [{"key": k, "bytes": d} for d, k in grown[:top] if d > 0],
+            "server_before": before["server"], "server_after": after["server"]}
+
+
+async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, texts: list[str],
+               broker_pid: int | None) -> dict:
     traffic = Traffic(settings, texts)
     await traffic.start()
     print("[soak] measuring the closed-loop maximum ...", flush=True)
-    await closed_loop(traffic, args.concurrency, 5.0)  # warm-up: lazy initialisation, first batches
-    max_qps = await closed_loop(traffic, args.concurrency, args.measure_s)
+    max_qps = (await loadgen.closed_loop(settings, texts, args.concurrency, args.measure_s))["qps"]
     rate = args.load * max_qps
     print(f"[soak] maximum {max_qps:.1f} q/s; soaking at {rate:.1f} q/s for {args.minutes} min", flush=True)
 
@@ -352,24 +368,32 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
     stop = asyncio.Event()
 
     async def generate():
-        n = 0
-        while not stop.is_set():
-            due = int((time.monotonic() - t0) * rate) - n
-            for _ in range(max(0, due)):
-                await traffic.send("soak")
-                n += 1
-            await asyncio.sleep(0.01)
+        async def send(_: int) -> None:
+            await traffic.send("soak")
+
+        await loadgen.offered_load(send, rate, until=stop.is_set, rng=random.Random(25))
+
+    broker_cpu = [time.monotonic(), process_figures(broker_pid)[1] if broker_pid else None]
+    redis_keys_memory = {}
 
     async def sample():
         while not stop.is_set():
             b = await traffic.broker_figures()
             r = await asyncio.to_thread(owned.info)
             now = time.monotonic() - t0
+            b_rss, b_cpu = process_figures(broker_pid) if broker_pid else (None, None)
+            b_share = None
+            if b_cpu is not None and broker_cpu[1] is not None:
+                b_share = round((b_cpu - broker_cpu[1]) / (time.monotonic() - broker_cpu[0]), 3)
+            broker_cpu[:] = [time.monotonic(), b_cpu]
+            if "warm" not in redis_keys_memory and now >= args.warmup:
+                redis_keys_memory["warm"] = await asyncio.to_thread(owned.memory_breakdown)
             samples.append({
+                "broker_rss": b_rss, "broker_cpu": b_share,
                 "t": round(now, 2), "rss": worker.rss_bytes(), "redis_used_memory": r["used_memory"],
                 "redis_keys": r["keys"], "milvus_rows": await asyncio.to_thread(worker.rows),
                 "outstanding": traffic.outstanding, "committed_lag": b["committed_lag"],
-                "answered": len(traffic.answered), "sent": len(traffic.sent), "duplicates": traffic.duplicates,
+                "answered": traffic.answered_sent, "sent": len(traffic.sent), "duplicates": traffic.duplicates,
                 "dead_letters": b["dead_letters"], "worker_segment": worker_segment[0],
                 "worker_age": round(now - restarted_at[0], 2), "redis_segment": redis_segment[0],
                 "redis_age": round(now - redis_started_at[0], 2), "load_1m": os.getloadavg()[0],
@@ -447,9 +471,10 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
     await asyncio.sleep(3)  # anything counted twice would arrive now
     # both read at one moment: a worker still answering a backlog counts on between two reads
     expected, stats = cited(), memory.stats()
+    redis_growth = memory_growth(redis_keys_memory.get("warm", {}), await asyncio.to_thread(owned.memory_breakdown))
     counted = {k: stats[k] for k in expected}
     memory.close()
-    unanswered = len(traffic.sent) - len(traffic.answered)
+    unanswered = traffic.outstanding
     await traffic.stop()
 
     t = np.array([s["t"] for s in samples])
@@ -479,7 +504,7 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
         "args": vars(args), "cpu_count": os.cpu_count(), "started_at": started_at,
         "ended_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "minutes": round(soak_s / 60, 2), "max_qps": round(max_qps, 1), "rate_qps": round(rate, 1),
-        "sent": len(traffic.sent), "answered": len(traffic.answered),
+        "sent": len(traffic.sent), "answered": traffic.answered_sent, "answers_on_topic": len(traffic.answered),
         # answers the broker delivered again (a replay after a kill); the client keeps the first per query id
         "duplicates_dropped_by_dedup": traffic.duplicates,
         "redis_keys_after_warmup": {"min": min(keys_after_warmup, default=None),
@@ -488,9 +513,32 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
         "redis_used_memory_mib": {"min": round(float(np.nanmin(red)) / 2**20, 2),
                                   "max": round(float(np.nanmax(red)) / 2**20, 2)},
         "growth_segments": {"rss": rss_per, "redis": red_per},
+        # where Redis memory went between the end of the warm-up and the end (a restart in between resets it)
+        "redis_memory_growth": redis_growth,
+        "broker_rss_mib": {"min": _mib_min(samples, "broker_rss"), "max": _mib_max(samples, "broker_rss"),
+                           "last": _mib_last(samples, "broker_rss")},
         "kills": kills, "redis_restart": redis_restart, "checks": checks,
         "passed": all(c["pass"] is not False for c in checks.values()) and unanswered == 0, "samples": samples,
     }
+
+
+def _mib(xs: list) -> list[float]:
+    return [x / 2**20 for x in xs if x]
+
+
+def _mib_min(samples: list[dict], key: str) -> float | None:
+    xs = _mib([s.get(key) for s in samples])
+    return round(min(xs), 1) if xs else None
+
+
+def _mib_max(samples: list[dict], key: str) -> float | None:
+    xs = _mib([s.get(key) for s in samples])
+    return round(max(xs), 1) if xs else None
+
+
+def _mib_last(samples: list[dict], key: str) -> float | None:
+    xs = _mib([s.get(key) for s in samples])
+    return round(xs[-1], 1) if xs else None
 
 
 def query_pool() -> list[str]:
@@ -548,7 +596,8 @@ def main() -> None:
 
             asyncio.run(publish())
             worker.wait_ready(min_rows=n_chunks)
-            result = asyncio.run(soak(args, settings, worker, owned, query_pool()))
+            result = asyncio.run(soak(args, settings, worker, owned, query_pool(),
+                                      getattr(getattr(broker, "proc", None), "pid", None)))
             worker.kill()
     finally:
         owned.stop()

@@ -14,6 +14,7 @@ import os
 import random
 import statistics
 import time
+from typing import Awaitable, Callable
 
 import orjson
 
@@ -99,6 +100,24 @@ async def closed_loop(settings, texts, concurrency: int, duration_s: float) -> d
         return {"qps": done / (time.perf_counter() - t0), "answered": done, "concurrency": concurrency}
 
 
+async def offered_load(send: Callable[[int], Awaitable[None]], rate: float, until: Callable[[], bool],
+                       rng: random.Random) -> int:
+    """Call ``send(i)`` at Poisson arrivals of ``rate`` per second until ``until()``; returns how many were sent.
+
+    Arrival times are fixed in advance of the sends, so a slow ``send`` or a
+    busy event loop delays queries without lowering the offered rate: the
+    ones that fell behind go out at once.
+    """
+    i = 0
+    next_t = time.perf_counter()
+    while not until():
+        await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
+        await send(i)
+        i += 1
+        next_t += rng.expovariate(rate)
+    return i
+
+
 async def open_loop(settings, texts, rate: float, duration_s: float, seed: int = 1) -> dict:
     """Poisson arrivals at ``rate``/s; latency from publish to answer received."""
     rng = random.Random(seed)
@@ -107,7 +126,6 @@ async def open_loop(settings, texts, rate: float, duration_s: float, seed: int =
         await c.ask_many(texts[:8], timeout_s=300)
         tasks = []
         t_end = time.perf_counter() + duration_s
-        i = 0
 
         async def one(q):
             t = time.perf_counter()
@@ -115,12 +133,11 @@ async def open_loop(settings, texts, rate: float, duration_s: float, seed: int =
             latencies.append((time.perf_counter() - t) * 1e3)
             stages.append({**ans.timings_ms, "batch_size": float(ans.batch_size)})
 
-        next_t = time.perf_counter()
-        while next_t < t_end:
-            await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(Query(query_id=f"ol-{seed}-{i}-{random.random()}", text=texts[i % len(texts)]))))
-            i += 1
-            next_t += rng.expovariate(rate)
+        async def send(i: int) -> None:
+            tasks.append(asyncio.create_task(one(Query(query_id=f"ol-{seed}-{i}-{random.random()}",
+                                                       text=texts[i % len(texts)]))))
+
+        i = await offered_load(send, rate, until=lambda: time.perf_counter() >= t_end, rng=rng)
         await asyncio.gather(*tasks)
     breakdown = {k: statistics.fmean(s.get(k, 0.0) for s in stages) for k in stages[0]} if stages else {}
     # where the slowest 1% spent their time; "transport" is the rest: Kafka both ways, decode, produce
