@@ -1,6 +1,7 @@
 """Catch-up after a SIGKILL: how fast a restarted worker drains a backlog, against a bare consumer on the same records.
 
     python bench/catchup.py --backlog 2000 --history 40000
+    python bench/catchup.py --broker-only --backlog 2000 --history 24000   # the broker alone, no worker
     python bench/catchup.py --bounds-only     # does the broker apply retention.ms / DeleteRecords?
 
 In one run, on the embedded Tansu broker, a Redis prefix of its own and a
@@ -45,6 +46,7 @@ RESULTS = REPO / "bench" / "results"
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 
 from hybridrag.agents.evaluation import loadgen
 from hybridrag.agents.kafka.admin import create_topics
@@ -121,14 +123,15 @@ async def publish_backlog(settings: Settings, texts: list[str], n: int) -> list[
     return ids
 
 
-async def bare_consumer_rate(settings: Settings, n: int) -> dict:
-    """Read ``n`` query records from the worker group's committed offsets with a plain consumer: records/s."""
+async def bare_consumer_rate(settings: Settings, n: int, start: dict | None = None) -> dict:
+    """Read ``n`` query records with a plain consumer from ``start`` (default: the group's committed offsets)."""
     topic = settings.topology["queries"].name
     group = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.app_id,
                              enable_auto_commit=False)
     await group.start()
     tps = [TopicPartition(topic, p) for p in sorted(group.partitions_for_topic(topic) or range(4))]
-    start = {tp: (await group.committed(tp)) or 0 for tp in tps}
+    if start is None:
+        start = {tp: (await group.committed(tp)) or 0 for tp in tps}
     await group.stop()
     c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, enable_auto_commit=False,
                          fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms)
@@ -189,6 +192,10 @@ async def drain(settings: Settings, ids: list[str], worker_start: float, timeout
             "last_answer_s": round(last, 2) if last is not None else None, "answers_per_s": round(rate, 1)}
 
 
+class FaustNamedAssignor(RoundRobinPartitionAssignor):
+    name = "faust"
+
+
 async def fill_history(settings: Settings, texts: list[str], n: int) -> float:
     """What a long run leaves on the topics: ``n`` queries the group has consumed and ``n`` answers; seconds taken.
 
@@ -209,21 +216,19 @@ async def fill_history(settings: Settings, texts: list[str], n: int) -> float:
     sample = next(r.value for rs in (await probe.getmany(timeout_ms=5000)).values() for r in rs)
     await probe.stop()
     await publish_one_per_batch(settings, topo["answers"].name, [(f"history-{i}".encode(), sample) for i in range(n)])
-    # commit the ends for the group without joining it (Faust's assignor is not aiokafka's): the
-    # OffsetCommit of a consumer that only assigns partitions, which a group without live members accepts
-    group = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=settings.app_id,
-                             enable_auto_commit=False)
+    # join the worker's group and commit the ends. A group takes one assignment protocol, and the killed
+    # member registered Faust's, so this consumer offers a protocol of that name (it is the only live member
+    # and the leader, so it only ever reads its own metadata)
+    group = AIOKafkaConsumer(topo["queries"].name, bootstrap_servers=settings.kafka_bootstrap_servers,
+                             group_id=settings.app_id, enable_auto_commit=False,
+                             partition_assignment_strategy=(FaustNamedAssignor,),
+                             session_timeout_ms=int(settings.kafka_session_timeout_s * 1000),
+                             rebalance_timeout_ms=int(settings.kafka_rebalance_timeout_s * 1000),
+                             heartbeat_interval_ms=int(settings.kafka_heartbeat_interval_s * 1000))
     await group.start()
-    tps = [TopicPartition(topo["queries"].name, p) for p in sorted(group.partitions_for_topic(topo["queries"].name))]
-    group.assign(tps)
-    ends = await group.end_offsets(tps)
-    for _ in range(60):  # until the killed member's session has expired
-        try:
-            await group.commit(ends)
-            break
-        except Exception as exc:  # a group that still has the killed member refuses a generation -1 commit
-            print(f"[catchup] commit refused ({type(exc).__name__}); waiting for the session timeout", flush=True)
-            await asyncio.sleep(2)
+    while not group.assignment():
+        await group.getmany(timeout_ms=500)
+    await group.commit(await group.end_offsets(list(group.assignment())))
     await group.stop()
     return time.perf_counter() - t0
 
@@ -241,7 +246,7 @@ async def restart_drain(settings: Settings, texts: list[str], backlog: int, log_
     marks["restarted_at"] = round(started - t0, 2)
     sampler.worker = start_worker(worker_env(settings), open(log_path, "ab"), cwd=REPO)
     draining = asyncio.create_task(drain(settings, ids, started, 900))
-    await asyncio.to_thread(wait_healthy, settings.web_port, sampler.worker, 0, 300)
+    await asyncio.to_thread(wait_healthy, settings.web_port, sampler.worker, 0, 900)
     ready_s = time.monotonic() - started
     res = await draining
     marks["drained_at"] = round(time.monotonic() - t0, 2)
@@ -269,7 +274,7 @@ async def measure(args, settings: Settings, broker, texts: list[str], log_path: 
     await loadgen.publish(settings, docs)
     n_chunks = sum(len(chunk_document(d.doc_id, d.text, d.title, settings.chunk_size, settings.chunk_overlap))
                    for d in docs)
-    await asyncio.to_thread(wait_healthy, settings.web_port, sampler.worker, n_chunks, 300)
+    await asyncio.to_thread(wait_healthy, settings.web_port, sampler.worker, n_chunks, 900)
     live = await loadgen.closed_loop(settings, texts, args.concurrency, args.measure_s)
     print(f"[catchup] live maximum {live['qps']:.1f} q/s", flush=True)
     fresh = await restart_drain(settings, texts, args.backlog, log_path, sampler, t0)
@@ -317,6 +322,35 @@ async def broker_bounds(bootstrap: str) -> dict:
             "delete_records_before_100": delete}
 
 
+async def broker_only(settings: Settings, texts: list[str], backlog: int, history: int, broker_pid: int) -> dict:
+    """The bare consumer alone on a backlog, on a fresh log and after ``history`` more records: no worker."""
+    topic = settings.topology["queries"].name
+
+    async def ends() -> dict:
+        c = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers)
+        await c.start()
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or range(4))]
+        out = await c.end_offsets(tps)
+        await c.stop()
+        return out
+
+    async def one() -> dict:
+        start = await ends()
+        await publish_backlog(settings, texts, backlog)
+        cpu0 = process_figures(broker_pid)[1]
+        res = await bare_consumer_rate(settings, backlog, start)
+        res["broker_cpu_s_per_1000_records"] = round((process_figures(broker_pid)[1] - cpu0) / backlog * 1000, 3)
+        res["broker_rss_mib"] = round(process_figures(broker_pid)[0] / 2**20, 1)
+        return res
+
+    fresh = await one()
+    await publish_one_per_batch(settings, topic, [(f"h{i}".encode(), encode(Query(query_id=f"h{i}", text=texts[i % len(texts)])))
+                                                  for i in range(history)])
+    long_run = await one()
+    return {"fresh_log": fresh, "long_run_log": long_run,
+            "long_run_bare_over_fresh_bare": round(long_run["records_per_s"] / fresh["records_per_s"], 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backlog", type=int, default=10_000, help="queries published while the worker is down")
@@ -325,9 +359,26 @@ def main() -> None:
     ap.add_argument("--measure-s", type=float, default=20.0, help="seconds of the live maximum's closed loop")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--out", default="catchup", help="results name: bench/results/NAME.json")
+    ap.add_argument("--broker-only", action="store_true",
+                    help="only the bare consumer on a fresh and a long-run log (no worker): the broker's share")
     ap.add_argument("--bounds-only", action="store_true",
                     help="only check whether the broker applies retention and DeleteRecords")
     args = ap.parse_args()
+    if args.broker_only:
+        tag = uuid.uuid4().hex[:8]
+        texts = [f"What is {d.title or d.doc_id}?" for d in iter_documents(RESOURCES / "demo" / "corpus.jsonl")]
+        with EmbeddedBroker() as broker:
+            settings = Settings(kafka_bootstrap_servers=broker.bootstrap, app_id=f"catchup-{tag}",
+                                topic_prefix=f"catchup{tag}-")
+            asyncio.run(create_topics(settings))
+            res = {"args": vars(args), "broker": "embedded Tansu (memory://)", "load_1m_before": os.getloadavg()[0],
+                   "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                   **asyncio.run(broker_only(settings, texts, args.backlog, args.history, broker.proc.pid)),
+                   "load_1m_after": os.getloadavg()[0]}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{args.out}-broker.json").write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
+        print(json.dumps(res, indent=1))
+        return
     if args.bounds_only:
         with EmbeddedBroker() as broker:
             bounds = {"broker": "embedded Tansu (memory://)", "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC"),

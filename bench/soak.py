@@ -362,6 +362,7 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
     redis_segment = [0]
     recoveries: list[asyncio.Task] = []
     restarted_at = [0.0]  # when the current worker process (and Redis) started, in soak time
+    ready_at = [0.0]  # when the current worker process became ready (inf until it is)
     redis_started_at = [0.0]
     t0 = time.monotonic()
     started_at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -395,7 +396,9 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
                 "outstanding": traffic.outstanding, "committed_lag": b["committed_lag"],
                 "answered": traffic.answered_sent, "sent": len(traffic.sent), "duplicates": traffic.duplicates,
                 "dead_letters": b["dead_letters"], "worker_segment": worker_segment[0],
-                "worker_age": round(now - restarted_at[0], 2), "redis_segment": redis_segment[0],
+                "worker_age": round(now - restarted_at[0], 2),
+                "worker_ready_age": round(now - ready_at[0], 2) if ready_at[0] != float("inf") else -1.0,
+                "redis_segment": redis_segment[0],
                 "redis_age": round(now - redis_started_at[0], 2), "load_1m": os.getloadavg()[0],
             })
             await asyncio.sleep(args.sample_s)
@@ -416,6 +419,7 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
                 continue
             t = time.monotonic() - t0
             await asyncio.to_thread(worker.kill)
+            ready_at[0] = float("inf")
             worker.start()
             worker_segment[0] += 1
             restarted_at[0] = time.monotonic() - t0
@@ -427,6 +431,7 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
         peak = traffic.outstanding
         await asyncio.to_thread(worker.wait_ready)
         ready = time.monotonic() - t0 - t
+        ready_at[0] = time.monotonic() - t0
         # answers arrive a batch at a time, so one reading under the line is not a recovery: it must hold
         under_since = None
         while time.monotonic() - t0 - t < 600:
@@ -478,7 +483,8 @@ async def soak(args, settings: Settings, worker: Worker, owned: OwnedRedis, text
     await traffic.stop()
 
     t = np.array([s["t"] for s in samples])
-    keep_w = (t >= args.warmup) & (np.array([s["worker_age"] for s in samples]) >= args.settle)
+    # from the process's readiness, not its start: loading the models takes from seconds to minutes
+    keep_w = (t >= args.warmup) & (np.array([s["worker_ready_age"] for s in samples]) >= args.settle)
     keep_r = (t >= args.warmup) & (np.array([s["redis_age"] for s in samples]) >= args.settle)
     rss = np.array([s["rss"] or np.nan for s in samples], float)
     red = np.array([s["redis_used_memory"] or np.nan for s in samples], float)
@@ -555,7 +561,7 @@ def main() -> None:
     ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples")
     ap.add_argument("--warmup", type=float, default=300.0, help="seconds left out of the growth figures")
     ap.add_argument("--settle", type=float, default=120.0,
-                    help="seconds after each start of the worker or of Redis left out of the growth figures")
+                    help="seconds after the worker is ready again, or Redis is back, left out of the growth figures")
     ap.add_argument("--hold-s", type=float, default=5.0,
                     help="seconds the lag must stay under one second's worth for a kill to count as recovered")
     ap.add_argument("--measure-s", type=float, default=30.0, help="seconds of the closed-loop measurement")

