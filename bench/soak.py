@@ -10,15 +10,18 @@ owns (its own port, append-only file), and a Milvus Lite file:
    group session timeout 6 s, as the reliability tests use, so the group
    notices a killed worker quickly) indexes the demo corpus (300 passages);
 2. its maximum rate is measured briefly in a closed loop (``--concurrency``
-   queries in flight for ``--measure-s``);
-3. queries then arrive at ``--load`` (50%) of that rate for ``--minutes``,
+   queries in flight for ``--measure-s``, :func:`loadgen.closed_loop`);
+3. queries then arrive at ``--load`` (50%) of that rate for ``--minutes``
+   (Poisson arrivals, :func:`loadgen.offered_load`),
    drawn from a fixed pool of 600 wordings about the corpus, each with a
    unique ``query_id``. The worker gets a SIGKILL every ``--kill-every``
    seconds and is restarted at once; Redis is shut down and restarted once,
    midway between two kills;
 4. every ``--sample-s`` seconds: the worker's RSS, Redis ``used_memory`` and
-   key count, the rows the worker holds, the queries sent and not yet
-   answered, the group's committed-offset lag, answers and dead letters.
+   key count, the embedded broker's RSS and CPU, the rows the worker holds,
+   the queries sent and not yet answered, the group's committed-offset lag,
+   answers and dead letters; ``MEMORY USAGE`` of every Redis key at the end of
+   the warm-up and at the end, to say where Redis memory went.
 
 Targets, after ``--warmup`` (and ``--settle`` seconds after each restart of
 the worker or of Redis, whose memory starts over):
@@ -579,6 +582,9 @@ def main() -> None:
         # and the bottleneck within half an hour at this rate; --bootstrap points the soak at a real Kafka
         broker_cm = (contextlib.nullcontext(SimpleNamespace(bootstrap=args.bootstrap)) if args.bootstrap
                      else EmbeddedBroker(log_path=work / "broker.log"))
+        if not args.bootstrap and args.minutes > 10:
+            print("[soak] the embedded broker keeps every record batch and slows down as it holds more "
+                  "(README, Reliability); for the hour-long targets pass --bootstrap host:9092", flush=True)
         with broker_cm as broker:
             settings = Settings(
                 kafka_bootstrap_servers=broker.bootstrap, app_id=f"soak-{tag}", topic_prefix=f"soak{tag}-",
