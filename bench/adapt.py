@@ -143,6 +143,21 @@ class General:
         return out
 
 
+def prior_rows(add, model, mode, adapter, d_vecs, q_vecs, corpus, args) -> None:
+    """The embedding prior trained on the domain's pseudo-pairs in the adapted space, used for expansion."""
+    from hybridrag.agents.settings import Settings
+    from hybridrag.models.embedding_diffusion import expand_queries, fit_prior
+
+    s = Settings()
+    train_q = (da.encode_states(model, adapter.query_ids)[1] if mode == "full"
+               else da.embed_cached(model, adapter.query_states))
+    pos = np.array([p.passage for p in adapter.train_pairs])
+    prior = fit_prior(train_q, d_vecs[pos], "adapted", seconds=60.0 * args.prior_minutes, seed=args.seed)
+    expanded = expand_queries(q_vecs, prior, k=s.expand_k, weight=s.expand_weight, steps=s.expand_steps,
+                              guidance=s.expand_guidance)
+    add("adapted + prior expansion", rank(expanded, d_vecs, corpus.ids), prior_steps=prior.meta["steps"])
+
+
 def run_domain(name: str, args, variants) -> dict:
     from hybridrag.agents.retention.adaptive_retriever import AdaptiveConfig, adaptive_retriever_factory
     from hybridrag.agents.settings import Settings
@@ -193,6 +208,7 @@ def run_domain(name: str, args, variants) -> dict:
             add(f"adaptive retriever, adapted ({mode}/{kinds}/{labels})", retrieve(queries, q_vecs, 100))
             retrieve = adaptive(corpus.ids, adapter.doc_vecs, corpus.texts)
             add("adaptive retriever, unadapted", retrieve(queries, base_q, 100))
+            prior_rows(add, model, mode, adapter, d_vecs, q_vecs, corpus, args)
             if args.save_default:
                 adapter.save(model, Path(args.save_default) / f"{name}.pt", variant, history, seconds,
                              rows[row]["self_check"])
@@ -216,6 +232,7 @@ def main() -> None:
     ap.add_argument("--general-distractors", type=int, default=1000)
     ap.add_argument("--variants", default="all", help="'all', 'quick' (default, head, full) or comma-separated indices")
     ap.add_argument("--save-default", default=None, help="folder for the default variant's checkpoint per domain")
+    ap.add_argument("--prior-minutes", type=float, default=1.0, help="training budget of the domain's prior")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", type=Path, default=RESULTS / "adapt.json")
     args = ap.parse_args()

@@ -168,12 +168,22 @@ class MultiScaleConv(nn.Module):
         nn.init.zeros_(self.mix.weight)
         nn.init.zeros_(self.mix.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def activations(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """GELU(LN(depthwise convolutions)) per token (B, T, k*d), before the pointwise mix."""
         # padding must not leak into real tokens through the kernels
         h = (x * mask.unsqueeze(-1).to(x.dtype)).transpose(1, 2)  # (B, d, T)
-        h = torch.cat([conv(h) for conv in self.branches], dim=1).transpose(1, 2)  # (B, T, 3d)
-        h = self.mix(F.gelu(self.norm(h)))  # (B, T, d)
-        return x + self.drop(h)
+        h = torch.cat([conv(h) for conv in self.branches], dim=1).transpose(1, 2)  # (B, T, k*d)
+        return F.gelu(self.norm(h))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.mix(self.activations(x, mask)))  # (B, T, d)
+
+    def pooled(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """mean_pool(forward(x)) (B, d) without the per-token mix: the mix is linear, so it commutes with the
+        mean; the branch then costs the depthwise kernels per token and one (k*d, d) product per text."""
+        a = mean_pool(self.activations(x, mask).float(), mask)  # (B, k*d)
+        dtype = next((p.dtype for p in self.mix.parameters()), torch.float32)
+        return mean_pool(x.float(), mask) + self.mix(a.to(dtype)).float()  # (B, d)
 
 
 class SelfAttention(nn.Module):
@@ -338,10 +348,16 @@ class HybridEncoder(nn.Module):
         """
         if self.conv is not None and self.cfg.conv_position == "input":
             raise ValueError("an input conv block needs the token embeddings, not the transformer's output")
-        return self.pooled(self.branch(hidden, mask), hidden, mask)
+        mask = mask.bool()
+        if self.conv is None or (self.fusion is not None and self.fusion.method == "attention"):
+            return self.pooled(self.branch(hidden, mask), hidden, mask)
+        # an affine head: pool the branch before its pointwise mix (MultiScaleConv.pooled)
+        return l2_normalize(self.head(self.conv.pooled(hidden, mask), mean_pool(hidden.float(), mask)))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        local, h = self.features(ids, mask)
+        local, h = self.body(ids, mask)
+        if self.conv is None or self.cfg.conv_position == "branch":
+            return self.from_hidden(h, mask)  # (B, out_dim)
         return self.pooled(local, h, mask)  # (B, out_dim)
 
     def num_parameters(self) -> int:

@@ -24,7 +24,7 @@ _D = da.AdaptConfig()
 def adapt(
     corpus: Path = typer.Option(..., help="The target domain's corpus.jsonl (BEIR: _id, title, text)."),
     out: Path = typer.Option(..., help="Where to write the adapted checkpoint."),
-    minutes: float = typer.Option(_D.minutes, help="Training budget in minutes (after one pass over the corpus)."),
+    minutes: float = typer.Option(_D.minutes, help="Training budget in CPU minutes of the process (after one pass over the corpus)."),
     mode: str = typer.Option(_D.mode, help="What trains: branch (conv branch, transformer frozen), head, full."),
     queries: str = typer.Option(_D.queries, help="Pseudo-queries: ict, title, ict+title."),
     labels: str = typer.Option(_D.labels, help="Pseudo-labels: infonce, dense, bm25, ensemble."),

@@ -58,7 +58,9 @@ class AdaptConfig:
     mode: str = "branch"  # what trains: branch | head | full (see the module docstring)
     queries: str = "ict+title"  # pseudo-queries: ict | title | ict+title
     labels: str = "ensemble"  # pseudo-labels: infonce | dense | bm25 | ensemble
-    minutes: float = 10.0  # training budget (wall clock), after the corpus has been encoded once
+    # training budget in CPU minutes of this process (equal budgets stay equal on a shared machine),
+    # after the corpus has been encoded once
+    minutes: float = 10.0
     max_steps: int = 5000  # optimizer steps at most, whatever the budget
     batch_size: int = 32  # pseudo-queries per step (with one positive and one mined negative each)
     lr: float = 0.0  # peak AdamW learning rate; 0 picks the mode's (branch/head 1e-3, full 2e-5)
@@ -391,7 +393,7 @@ class DomainAdapter:
             anchor=torch.from_numpy(self.replay_vecs[rep]) if rep else None)
 
     def train(self, variant: AdaptConfig | None = None, progress: bool = False):
-        """Train one student within ``variant.minutes``; returns (student, history, seconds)."""
+        """Train one student within ``variant.minutes`` of CPU time; returns (student, history, wall seconds)."""
         import torch
 
         from hybridrag.models.train_encoder import DomainAdaptLoss
@@ -411,9 +413,9 @@ class DomainAdapter:
         opt = torch.optim.AdamW(params, lr=v.peak_lr, weight_decay=0.01)
         history: list[dict] = []
         order: list[int] = []
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         step = 0
-        while step < v.max_steps and time.monotonic() - t0 < 60.0 * v.minutes:
+        while step < v.max_steps and time.process_time() - c0 < 60.0 * v.minutes:
             if len(order) < v.batch_size:
                 order += rng.sample(rows, len(rows))
             take, order = order[: v.batch_size], order[v.batch_size :]
@@ -426,7 +428,8 @@ class DomainAdapter:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            history.append({"step": step, "lr": lr, "seconds": time.monotonic() - t0, **parts})
+            history.append({"step": step, "lr": lr, "seconds": time.monotonic() - t0,
+                            "cpu_seconds": time.process_time() - c0, **parts})
             if progress and step % 25 == 0:
                 print(f"{v.mode}/{v.queries}/{v.labels} step {step} loss {parts['loss']:.4f} "
                       f"({time.monotonic() - t0:.0f}s)", file=sys.stderr)
@@ -501,3 +504,163 @@ def adapt(corpus_path: str | Path, out: str | Path, cfg: AdaptConfig, base_check
     model, history, seconds = adapter.train(progress=progress)
     check = adapter.self_check(model, cfg.mode)
     return adapter.save(model, out, cfg, history, seconds, check)
+
+
+# ----------------------------------------------------------------------------- in the service
+
+# One script per batch: a passage counts once by id (a replayed Kafka record adds nothing);
+# ``pending`` counts the new ones since the last adaptation; the oldest beyond ARGV[1] go.
+_LUA_ADD_PASSAGES = r"""
+local keep = tonumber(ARGV[1])
+local added = 0
+for i = 2, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[i])
+    added = added + 1
+  end
+end
+local extra = redis.call('ZCARD', KEYS[2]) - keep
+if extra > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, extra - 1)) do redis.call('HDEL', KEYS[1], id) end
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+end
+return redis.call('INCRBY', KEYS[3], added)
+"""
+
+
+class PassageBuffer:
+    """The passages the service ingested, for domain adaptation, in Redis under ``<prefix>:adapt:``.
+
+        passages  hash  chunk id -> JSON {title, text}
+        order     zset  chunk id -> arrival sequence (the newest ``max_passages`` are kept)
+        pending   counter: new passages since the last adaptation started
+    """
+
+    def __init__(self, redis_url: str, prefix: str, max_passages: int, client=None):
+        import redis
+
+        self.client = client or redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        self.ns = f"{prefix}:adapt:"
+        self.max_passages = max_passages
+        self._add = self.client.register_script(_LUA_ADD_PASSAGES)
+
+    def _keys(self) -> list[str]:
+        return [self.ns + k for k in ("passages", "order", "pending", "seq")]
+
+    def add(self, passages: Sequence[tuple[str, str, str]]) -> int:
+        """Buffer (id, title, text) passages; returns the pending count."""
+        if not passages:
+            return self.pending()
+        args: list = [self.max_passages]
+        for pid, title, text in passages:
+            args += [pid, json.dumps({"title": title, "text": text}, ensure_ascii=False)]
+        return int(self._add(keys=self._keys(), args=args))
+
+    def pending(self) -> int:
+        return int(self.client.get(self.ns + "pending") or 0)
+
+    def consume(self, n: int) -> int:
+        """Take ``n`` off the pending count when an adaptation starts on them; returns what is left."""
+        return int(self.client.decrby(self.ns + "pending", n))
+
+    def write_corpus(self, path: Path) -> int:
+        """Every buffered passage as a BEIR corpus.jsonl; returns how many."""
+        ids = [m.decode() for m in self.client.zrange(self.ns + "order", 0, -1)]
+        rows = self.client.hmget(self.ns + "passages", ids) if ids else []
+        n = 0
+        with open(path, "w", encoding="utf-8") as f:
+            for pid, row in zip(ids, rows):
+                if row is not None:
+                    f.write(json.dumps({"_id": pid, **json.loads(row)}, ensure_ascii=False) + "\n")
+                    n += 1
+        return n
+
+    def clear(self) -> int:
+        return int(self.client.delete(*self._keys()))
+
+
+def run_adapt_update(job: dict):
+    """The subprocess side: adapt, then gate on the general canary and the domain self-check.
+
+    Promoted iff the weights changed, the general canary loses at most its
+    tolerance, and the held-out pseudo-pairs do not fall.
+    """
+    from hybridrag.agents.retention.continual_learner import (LearnerConfig, UpdateResult, canary_per_query,
+                                                             paired_interval, should_promote)
+
+    t0 = time.monotonic()
+    cfg, lcfg = AdaptConfig(**job["adapt"]), LearnerConfig(**job["learner"])
+    out = Path(job["out_dir"]) / f"adapt-{int(time.time())}.pt"
+    result = adapt(job["corpus"], out, cfg, job.get("base_checkpoint"), job.get("replay_texts") or None, progress=True)
+    final = out.with_name(f"{result.version}.pt")
+    out.replace(final)
+    base_q = canary_per_query(job.get("base_checkpoint"), lcfg)
+    new_q = canary_per_query(final, lcfg)
+    base, new = float(base_q.mean()), float(new_q.mean())
+    lo, hi = paired_interval(new_q, base_q)
+    check = result.self_check
+    domain_ok = check.get("pairs", 0) == 0 or check["delta"] >= 0.0
+    changed = result.version != result.base_version
+    promoted = changed and domain_ok and should_promote(new, base, lcfg.canary_tolerance)
+    verdict = ("promoted" if promoted else "rejected: the weights did not change" if not changed else
+               "rejected: the domain self-check fell" if not domain_ok else
+               f"rejected: canary lost {base - new:.4f} > tolerance {lcfg.canary_tolerance}")
+    metrics = {"canary_base": base, "canary_new": new, "canary_delta": new - base, "canary_delta_lo": lo,
+               "canary_delta_hi": hi, "steps": float(result.steps), "passages": float(job.get("passages", 0)),
+               "train_seconds": result.train_seconds, "encode_seconds": result.encode_seconds,
+               **{f"self_check_{k}": float(v) for k, v in check.items()}, "seconds": time.monotonic() - t0}
+    detail = (f"domain adaptation {verdict}; {lcfg.canary_dataset} nDCG@10 {base:.4f} -> {new:.4f} "
+              f"[{lo:+.4f}, {hi:+.4f}]; self-check {check.get('base', 0):.4f} -> {check.get('adapted', 0):.4f} on "
+              f"{check.get('pairs', 0)} held-out pseudo-queries; {result.mode}/{result.queries}/{result.labels}, "
+              f"{result.steps} steps; parent {result.base_version}")
+    return UpdateResult(promoted, result.base_version, result.version, str(final), metrics, detail,
+                        time.monotonic() - t0)
+
+
+async def run_adapt_in_subprocess(buffer: PassageBuffer, base_checkpoint: str | None, cfg: AdaptConfig, lcfg,
+                                  replay_texts: Sequence[str] = (), timeout_s: float | None = None):
+    """Snapshot the buffered passages and adapt in a separate process at low priority (nice 10)."""
+    import uuid
+
+    from hybridrag.agents.retention.continual_learner import run_job_in_subprocess
+
+    job_dir = Path(lcfg.data_dir) / "cache" / "adapt" / "jobs" / uuid.uuid4().hex[:12]
+    job_dir.mkdir(parents=True, exist_ok=True)
+    n = buffer.write_corpus(job_dir / "corpus.jsonl")
+    (job_dir / "job.json").write_text(json.dumps({
+        "corpus": str(job_dir / "corpus.jsonl"), "passages": n, "base_checkpoint": base_checkpoint,
+        "adapt": asdict(cfg), "learner": asdict(lcfg), "out_dir": str(lcfg.checkpoint_dir),
+        "replay_texts": list(replay_texts)}, ensure_ascii=False))
+    budget = 60.0 * cfg.minutes + lcfg.timeout_s  # the training budget plus the passes and the canary
+    return await run_job_in_subprocess(__name__, job_dir, cfg.threads, budget if timeout_s is None else timeout_s,
+                                       niceness=10)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    from hybridrag.agents.retention.continual_learner import UpdateResult
+
+    ap = argparse.ArgumentParser(prog=f"python -m {__name__}", description="One domain adaptation job.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run one adaptation from a job file (what the worker's subprocess does)")
+    run.add_argument("--input", required=True, type=Path)
+    run.add_argument("--output", required=True, type=Path)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    t0 = time.monotonic()
+    try:
+        result = run_adapt_update(json.loads(args.input.read_text()))
+    except Exception as e:  # the worker needs a result either way
+        log.exception("domain adaptation failed")
+        result = UpdateResult.failed(f"{type(e).__name__}: {e}", seconds=time.monotonic() - t0)
+    tmp = args.output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(result)))
+    tmp.replace(args.output)
+    print(json.dumps({"promoted": result.promoted, "version": result.new_version, "detail": result.detail,
+                      "error": result.error}))
+    return 0 if not result.error else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
