@@ -176,8 +176,8 @@ class Settings(BaseSettings):
                                  "Redis; the oldest go first.", ge=1)
     learner_adapt_after: int = _f(0, "New passages ingested that start a zero-shot domain adaptation of the serving "
                                   "hybrid encoder (conv branch, transformer frozen); 0 turns it off.", ge=0)
-    learner_adapt_minutes: float = _f(10.0, "Training budget of one domain adaptation in CPU minutes, after its pass over the passages.",
-                                      gt=0)
+    learner_adapt_minutes: float = _f(10.0, "Training budget of one domain adaptation in CPU minutes, after its "
+                                      "pass over the passages.", gt=0)
     learner_adapt_max_passages: int = _f(5000, "Most recent passages a domain adaptation learns from (kept in Redis).",
                                          ge=1)
     reindex_keep_collections: int = _f(2, "Collections kept per deployment after a re-index (the serving one and "

@@ -70,7 +70,7 @@ def domain(name: str, max_queries: int, distractors: int | None, seed: int = 0):
     return corpus, qids, [ds.queries[q] for q in qids], ds.qrels
 
 
-def resolve(name: str) -> str:
+def resolve(name: str, pages: int) -> str:
     """A set's name or folder; ``manpages-adapt`` is built here (bench/manpages_set.py) on first use."""
     if name != "manpages-adapt":
         return name
@@ -78,7 +78,7 @@ def resolve(name: str) -> str:
     if not (path / "corpus.jsonl").exists():
         import manpages_set  # bench/ is the script's folder, so on its path
 
-        manpages_set.build(path)
+        manpages_set.build(path, pages=pages)
     return str(path)
 
 
@@ -123,8 +123,8 @@ class General:
             d_ids = da._tokenize(c.doc_texts, adapter.cfg.max_len)
             q_ids = da._tokenize(c.queries, adapter.cfg.max_len)
             d_states, d_vecs = da.encode_states(adapter.base, d_ids)
-            q_vecs = da.encode_states(adapter.base, q_ids)[1]
-            self.sets.append((c, d_ids, q_ids, d_states, self.per_query(c, q_vecs, d_vecs)))
+            q_states, q_vecs = da.encode_states(adapter.base, q_ids)
+            self.sets.append((c, d_ids, q_ids, d_states, q_states, self.per_query(c, q_vecs, d_vecs)))
 
     @staticmethod
     def per_query(c, q_vecs, d_vecs) -> np.ndarray:
@@ -134,9 +134,12 @@ class General:
 
     def score(self, model, mode: str) -> dict:
         out = {}
-        for c, d_ids, q_ids, d_states, base in self.sets:
-            d_vecs = da.encode_states(model, d_ids)[1] if mode == "full" else da.embed_cached(model, d_states)
-            new = self.per_query(c, da.encode_states(model, q_ids)[1], d_vecs)
+        for c, d_ids, q_ids, d_states, q_states, base in self.sets:
+            if mode == "full":
+                d_vecs, q_vecs = da.encode_states(model, d_ids)[1], da.encode_states(model, q_ids)[1]
+            else:
+                d_vecs, q_vecs = da.embed_cached(model, d_states), da.embed_cached(model, q_states)
+            new = self.per_query(c, q_vecs, d_vecs)
             mean, lo, hi = harness.paired_bootstrap(new, base)
             out[c.name] = {"base": float(base.mean()), "adapted": float(new.mean()), "delta": mean,
                            "delta_lo": lo, "delta_hi": hi, "queries": len(base)}
@@ -165,11 +168,13 @@ def run_domain(name: str, args, variants) -> dict:
 
     t0 = time.monotonic()
     corpus, qids, queries, qrels = domain(name, args.max_queries, args.distractors)
-    cfg = da.AdaptConfig(minutes=args.minutes, threads=1, seed=args.seed)
+    cfg = da.AdaptConfig(minutes=args.minutes, threads=1, seed=args.seed, replay=args.replay,
+                         ict_per_passage=args.ict_per_passage)
     adapter = da.DomainAdapter(corpus, None, cfg).prepare(progress=True)
     print(f"[{name}] prepared in {adapter.encode_seconds:.0f}s: {len(corpus.ids)} passages, "
           f"{len(adapter.train_pairs)} train / {len(adapter.heldout)} held-out pseudo-pairs", flush=True)
     q_ids = da._tokenize(queries, cfg.max_len)
+    q_states, base_q = da.encode_states(adapter.base, q_ids)
     rows: dict[str, dict] = {}
     per_q: dict[str, np.ndarray] = {}
 
@@ -182,7 +187,6 @@ def run_domain(name: str, args, variants) -> dict:
     add("bm25", lexical)
     minilm = OriginalEncoder()
     add("original (MiniLM FP32)", rank(minilm.encode(queries), minilm.encode(corpus.texts), corpus.ids))
-    base_q = da.encode_states(adapter.base, q_ids)[1]
     base_run = rank(base_q, adapter.doc_vecs, corpus.ids)
     add("hybrid unadapted", base_run)
     add("fused unadapted (BM25 + hybrid, RRF)", rrf(lexical, base_run))
@@ -198,12 +202,12 @@ def run_domain(name: str, args, variants) -> dict:
             print(f"[{name}] {row}: skipped ({e})", flush=True)
             continue
         d_vecs = adapter.corpus_vectors(model, mode)
-        run = rank(da.encode_states(model, q_ids)[1], d_vecs, corpus.ids)
+        q_vecs = adapter.embed_queries(model, mode, q_ids, q_states)
+        run = rank(q_vecs, d_vecs, corpus.ids)
         add(row, run, steps=len(history), train_seconds=seconds, self_check=adapter.self_check(model, mode, d_vecs),
             general=general.score(model, mode))
         if (mode, kinds, labels) == variants[0]:
             add(f"fused adapted ({mode}/{kinds}/{labels})", rrf(lexical, run))
-            q_vecs = da.encode_states(model, q_ids)[1]
             retrieve = adaptive(corpus.ids, d_vecs, corpus.texts)
             add(f"adaptive retriever, adapted ({mode}/{kinds}/{labels})", retrieve(queries, q_vecs, 100))
             retrieve = adaptive(corpus.ids, adapter.doc_vecs, corpus.texts)
@@ -232,6 +236,9 @@ def main() -> None:
     ap.add_argument("--general-distractors", type=int, default=1000)
     ap.add_argument("--variants", default="all", help="'all', 'quick' (default, head, full) or comma-separated indices")
     ap.add_argument("--save-default", default=None, help="folder for the default variant's checkpoint per domain")
+    ap.add_argument("--replay", type=int, default=64, help="general texts replayed (anchored to the base)")
+    ap.add_argument("--ict-per-passage", type=int, default=1)
+    ap.add_argument("--pages", type=int, default=250, help="manpages-adapt: pages in the set")
     ap.add_argument("--prior-minutes", type=float, default=1.0, help="training budget of the domain's prior")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", type=Path, default=RESULTS / "adapt.json")
@@ -249,7 +256,7 @@ def main() -> None:
                        "max_queries": args.max_queries, "distractors": args.distractors,
                        "variants": [list(v) for v in variants]}, "domains": {}}
     for name in args.domains.split(","):
-        report["domains"][name] = run_domain(resolve(name), args, variants)
+        report["domains"][name] = run_domain(resolve(name, args.pages), args, variants)
         report["meta"]["load_avg_end"] = os.getloadavg()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

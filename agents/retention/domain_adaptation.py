@@ -341,8 +341,8 @@ class DomainAdapter:
         self.doc_states, self.doc_vecs = encode_states(self.base, self.doc_ids)
         self.query_states, self.query_vecs = encode_states(self.base, self.query_ids)
         self.replay_states, self.replay_vecs = encode_states(self.base, self.replay_ids)
-        self.heldout_vecs = encode_states(self.base, _tokenize([p.query for p in self.heldout], cfg.max_len))[1] \
-            if self.heldout else np.zeros((0, self.doc_vecs.shape[1]), np.float32)
+        self.heldout_ids = _tokenize([p.query for p in self.heldout], cfg.max_len) if self.heldout else []
+        self.heldout_states, self.heldout_vecs = encode_states(self.base, self.heldout_ids)
         pos = np.array([p.passage for p in self.train_pairs])
         self.negatives = mine_negatives(self.query_vecs, self.doc_vecs, pos, self.corpus.groups, cfg.mine_depth,
                                         cfg.mine_skip, cfg.seed)
@@ -436,6 +436,12 @@ class DomainAdapter:
         return model.eval(), history, time.monotonic() - t0
 
     # -- scoring
+    def embed_queries(self, model, mode: str, ids: Sequence[list[int]], states: Sequence | None = None) -> np.ndarray:
+        """Texts under ``model`` (N, D): from the base body's states when the body stayed frozen."""
+        if mode == "full" or states is None:
+            return encode_states(model, ids)[1]
+        return embed_cached(model, states)
+
     def corpus_vectors(self, model, mode: str) -> np.ndarray:
         """The corpus under ``model`` (N, D): from the cached states, or re-encoded when the body trained."""
         if mode == "full":
@@ -449,8 +455,7 @@ class DomainAdapter:
 
         if not self.heldout:
             return {"pairs": 0}
-        held_ids = _tokenize([p.query for p in self.heldout], self.cfg.max_len)
-        new_q = encode_states(model, held_ids)[1]
+        new_q = self.embed_queries(model, mode, self.heldout_ids, self.heldout_states)
         new_d = self.corpus_vectors(model, mode) if doc_vecs is None else doc_vecs
         pos = np.array([p.passage for p in self.heldout])
         base = heldout_ndcg(self.heldout_vecs, self.doc_vecs, pos)
