@@ -131,7 +131,7 @@ class DomainLearner:
         if self.buffer is None:
             self.buffer = PassageBuffer(s.redis_url, s.redis_prefix, s.learner_adapt_max_passages)
         chunks = [c for d in docs for c in chunk_document(d.doc_id, d.text, d.title, s.chunk_size, s.chunk_overlap)]
-        pending = self.buffer.add([(c.chunk_id, c.title, c.text) for c in chunks])
+        pending = self.buffer.add([(c.id, c.title, c.text) for c in chunks])
         metrics.LEARNER_BUFFER.labels("passages").set(pending)
         return pending
 
@@ -150,8 +150,9 @@ class DomainLearner:
 
         rt, s = self.runtime, self.runtime.settings
         lcfg = LearnerConfig.from_settings(s)
+        # general texts replayed: as many as the new passages (at least 32), up to the default
         cfg = AdaptConfig(minutes=s.learner_adapt_minutes, max_passages=s.learner_adapt_max_passages,
-                          threads=lcfg.threads, device=s.device)
+                          threads=lcfg.threads, device=s.device, replay=min(AdaptConfig.replay, max(32, pending)))
         serving = rt.serving
         await rt.run(self.buffer.consume, pending, lane="memory")
         replay = []

@@ -43,6 +43,7 @@ def test_the_passage_buffer_counts_a_passage_once_and_keeps_the_newest(redis_url
         assert not redis.Redis.from_url(redis_url).keys(f"{prefix}:*")
 
 
+@pytest.mark.timeout(1800)  # a model trains, is scored twice on the canary and re-indexes, on a shared CPU
 def test_the_service_adapts_to_its_corpus_after_ingest_and_swaps(make_settings, make_worker):
     """A hybrid-encoder worker ingests 60 demo passages (the trigger is 40). The adapter trains a
     conv branch for a few seconds in a subprocess, the canary (tolerance that admits it) promotes it,
@@ -59,16 +60,18 @@ def test_the_service_adapts_to_its_corpus_after_ingest_and_swaps(make_settings, 
     async def go():
         async with AsyncClient(settings) as c:
             await c.publish_documents(docs)
+            await asyncio.to_thread(worker.wait_ready, min_rows=len(docs), timeout_s=600)
             answers, updates = [], []
             deadline = time.monotonic() + 900
             while not any(u.kind == "reindexed" for u in updates) and time.monotonic() < deadline:
-                answers.append(await c.ask(questions[len(answers) % len(questions)], timeout_s=60))
+                # a shared CPU makes answers slow while the adaptation trains; slow is not failed
+                answers.append(await c.ask(questions[len(answers) % len(questions)], timeout_s=300))
                 records = await read_topic(settings, retention, expect=2, timeout_s=2)
                 updates = [decode(RetentionUpdate, r.value, max_bytes=1 << 20) for r in records]
                 if any(u.kind == "encoder-rejected" for u in updates):
                     break
                 await asyncio.sleep(1.0)
-            after = await c.ask(questions[0], timeout_s=60)
+            after = await c.ask(questions[0], timeout_s=300)
         return answers, updates, after
 
     answers, updates, after = run(go())
