@@ -935,7 +935,7 @@ async def run_job_in_subprocess(module: str, job_dir: Path, threads: int, timeou
     with open(log_path, "wb") as logf:
         proc = await asyncio.create_subprocess_exec(
             *prefix, sys.executable, "-m", module, "run", "--input", str(job), "--output", str(result_path),
-            stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env)
+            stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         try:
             rc = await asyncio.wait_for(proc.wait(), timeout=timeout_s)
         except asyncio.TimeoutError:
@@ -954,6 +954,17 @@ async def run_job_in_subprocess(module: str, job_dir: Path, threads: int, timeou
     if not result.error:
         job.unlink(missing_ok=True)  # the inputs are in Redis; the log stays for the record
     return result
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: a SIGKILLed worker takes its training process with it (Linux prctl)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the timeout still bounds an orphan
+        pass
 
 
 def _tail(path: Path, n: int = 800) -> str:
