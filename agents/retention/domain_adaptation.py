@@ -584,14 +584,46 @@ class PassageBuffer:
         return int(self.client.delete(*self._keys()))
 
 
+def general_canary(base_checkpoint: str | None, adapted: str | Path, lcfg, cfg: AdaptConfig
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query canary nDCG@10 (Q,) of the base and the adapted encoder on the learner's general canary.
+
+    A branch or head adaptation leaves the body frozen: one pass of the base body
+    over the canary serves both, the adapted encoder reading the cached states.
+    """
+    from hybridrag.agents.retention.continual_learner import canary_per_query, canary_set, ndcg_per_query
+    from hybridrag.models.hybrid_encoder import DEFAULT_CHECKPOINT, load_checkpoint
+
+    if cfg.mode == "full":
+        return canary_per_query(base_checkpoint, lcfg), canary_per_query(adapted, lcfg)
+    c = canary_set(lcfg.canary_dataset, lcfg.canary_queries, lcfg.canary_distractors)
+    base = load_checkpoint(base_checkpoint or DEFAULT_CHECKPOINT)[0].eval()
+    new = load_checkpoint(adapted)[0].eval()
+    d_states, d_base = encode_states(base, _tokenize(c.doc_texts, cfg.max_len))
+    q_states, q_base = encode_states(base, _tokenize(c.queries, cfg.max_len))
+
+    class Fixed:  # the canary's scorer takes an encoder; these are its vectors
+        def __init__(self, vecs: dict[str, np.ndarray]):
+            self.vecs = vecs
+
+        def encode(self, texts):
+            return np.stack([self.vecs[t] for t in texts])
+
+    def scores(d_vecs, q_vecs):
+        return ndcg_per_query(Fixed({**dict(zip(c.doc_texts, d_vecs)), **dict(zip(c.queries, q_vecs))}),
+                              c.queries, c.query_ids, c.qrels, c.doc_ids, c.doc_texts)
+
+    return scores(d_base, q_base), scores(embed_cached(new, d_states), embed_cached(new, q_states))
+
+
 def run_adapt_update(job: dict):
     """The subprocess side: adapt, then gate on the general canary and the domain self-check.
 
     Promoted iff the weights changed, the general canary loses at most its
     tolerance, and the held-out pseudo-pairs do not fall.
     """
-    from hybridrag.agents.retention.continual_learner import (LearnerConfig, UpdateResult, canary_per_query,
-                                                             paired_interval, should_promote)
+    from hybridrag.agents.retention.continual_learner import (LearnerConfig, UpdateResult, paired_interval,
+                                                             should_promote)
 
     t0 = time.monotonic()
     cfg, lcfg = AdaptConfig(**job["adapt"]), LearnerConfig(**job["learner"])
@@ -599,8 +631,7 @@ def run_adapt_update(job: dict):
     result = adapt(job["corpus"], out, cfg, job.get("base_checkpoint"), job.get("replay_texts") or None, progress=True)
     final = out.with_name(f"{result.version}.pt")
     out.replace(final)
-    base_q = canary_per_query(job.get("base_checkpoint"), lcfg)
-    new_q = canary_per_query(final, lcfg)
+    base_q, new_q = general_canary(job.get("base_checkpoint"), final, lcfg, cfg)
     base, new = float(base_q.mean()), float(new_q.mean())
     lo, hi = paired_interval(new_q, base_q)
     check = result.self_check
