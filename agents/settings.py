@@ -174,6 +174,12 @@ class Settings(BaseSettings):
     learner_canary_tolerance: float = _f(0.01, "Most canary nDCG@10 a new version may lose and still be promoted.", ge=0)
     learner_buffer_max: int = _f(4096, "Most examples of each kind (pairs, query-only) the learner buffers in "
                                  "Redis; the oldest go first.", ge=1)
+    learner_adapt_after: int = _f(0, "New passages ingested that start a zero-shot domain adaptation of the serving "
+                                  "hybrid encoder (conv branch, transformer frozen); 0 turns it off.", ge=0)
+    learner_adapt_minutes: float = _f(10.0, "Training budget of one domain adaptation in CPU minutes, after its "
+                                      "pass over the passages.", gt=0)
+    learner_adapt_max_passages: int = _f(5000, "Most recent passages a domain adaptation learns from (kept in Redis).",
+                                         ge=1)
     reindex_keep_collections: int = _f(2, "Collections kept per deployment after a re-index (the serving one and "
                                        "the newest fallbacks); older ones are dropped unless an alias names them.", ge=1)
     reindex_batch: int = _f(256, "Rows re-encoded per slice when a promoted encoder rebuilds the collection.", ge=1)

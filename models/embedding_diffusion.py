@@ -383,3 +383,29 @@ def expand_queries(
     gen = prior.sample(q, k=k, steps=steps, guidance=guidance, seed=seed)
     w = gate_weights(sample_agreement(gen), weight, gate_threshold)
     return blend(q, gen, w)
+
+
+def fit_prior(cond: np.ndarray, targets: np.ndarray, encoder_version: str, seconds: float = 60.0,
+              max_steps: int = 2000, batch_size: int = 128, lr: float = 1e-3, cfg: Config | None = None,
+              seed: int = 0) -> EmbeddingPrior:
+    """Train a prior on (condition, target) pairs (N, D) for at most ``seconds`` of CPU / ``max_steps``: one domain's
+    pseudo-pairs (pseudo-query embedding -> its passage's embedding) in ``encoder_version``'s space."""
+    import time
+
+    torch.manual_seed(seed)
+    cfg = cfg or Config(dim=cond.shape[1])
+    diffusion = EmbeddingDiffusion(PriorMLP(cfg))
+    c, x = torch.from_numpy(np.asarray(cond, np.float32)), torch.from_numpy(np.asarray(targets, np.float32))
+    diffusion.set_data_stats(x)
+    opt = torch.optim.AdamW(diffusion.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    diffusion.train()
+    t0, step = time.process_time(), 0  # CPU seconds: budgets compare on a shared machine
+    while step < max_steps and time.process_time() - t0 < seconds:
+        idx = torch.randint(0, len(c), (min(batch_size, len(c)),), generator=g)
+        loss = diffusion(x[idx], c[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+    return EmbeddingPrior(diffusion.eval(), f"prior-domain-{step}", encoder_version, {"steps": step})

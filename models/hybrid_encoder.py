@@ -64,6 +64,7 @@ PROFILES = {"hybrid": CHECKPOINT_DIR / "hybrid.pt", "hybrid-fast": CHECKPOINT_DI
 DEFAULT_CHECKPOINT = PROFILES["hybrid"]
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 FUSIONS = ("concat", "weighted", "attention")
+CONV_POSITIONS = ("input", "branch")
 
 
 @dataclass
@@ -74,6 +75,10 @@ class Config:
     n_layers: int = 6  # transformer blocks (the teacher has 6)
     d_ff: int = 1536  # feed-forward width (the teacher's)
     conv_kernels: tuple[int, ...] = (3, 5, 7)  # parallel depthwise kernels of the conv block; () drops the block
+    # where the conv block reads: "input" (token embeddings, before the transformer) or "branch" (the
+    # transformer's output, a side path fused at the head: with the transformer frozen, training the
+    # branch needs no backward pass through it, and the transformer's states can be cached)
+    conv_position: str = "input"
     fusion: str = "concat"  # how local and global features combine: concat | weighted | attention
     out_dim: int = 384  # embedding width: the teacher's, so distillation compares directly
     max_positions: int = 512  # the teacher's position table; longer inputs reuse it cyclically
@@ -89,6 +94,8 @@ class Config:
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"{self.fusion} is not a valid fusion ({', '.join(FUSIONS)})")
+        if self.conv_position not in CONV_POSITIONS:
+            raise ValueError(f"{self.conv_position} is not a valid conv position ({', '.join(CONV_POSITIONS)})")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         self.conv_kernels = tuple(int(k) for k in self.conv_kernels)
@@ -161,12 +168,22 @@ class MultiScaleConv(nn.Module):
         nn.init.zeros_(self.mix.weight)
         nn.init.zeros_(self.mix.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def activations(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """GELU(LN(depthwise convolutions)) per token (B, T, k*d), before the pointwise mix."""
         # padding must not leak into real tokens through the kernels
         h = (x * mask.unsqueeze(-1).to(x.dtype)).transpose(1, 2)  # (B, d, T)
-        h = torch.cat([conv(h) for conv in self.branches], dim=1).transpose(1, 2)  # (B, T, 3d)
-        h = self.mix(F.gelu(self.norm(h)))  # (B, T, d)
-        return x + self.drop(h)
+        h = torch.cat([conv(h) for conv in self.branches], dim=1).transpose(1, 2)  # (B, T, k*d)
+        return F.gelu(self.norm(h))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.mix(self.activations(x, mask)))  # (B, T, d)
+
+    def pooled(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """mean_pool(forward(x)) (B, d) without the per-token mix: the mix is linear, so it commutes with the
+        mean; the branch then costs the depthwise kernels per token and one (k*d, d) product per text."""
+        a = mean_pool(self.activations(x, mask).float(), mask)  # (B, k*d)
+        dtype = next((p.dtype for p in self.mix.parameters()), torch.float32)
+        return mean_pool(x.float(), mask) + self.mix(a.to(dtype)).float()  # (B, d)
 
 
 class SelfAttention(nn.Module):
@@ -278,16 +295,30 @@ class HybridEncoder(nn.Module):
                 self.out.weight.copy_(torch.eye(cfg.d_model))
                 self.out.bias.zero_()
 
-    def features(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Local (convolution) and global (transformer) features, each (B, T, d), before fusion."""
+    def body(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings, input conv block (``conv_position="input"``) and transformer: (local, hidden), each (B, T, d).
+
+        With the conv block as a branch, ``local`` is the embeddings' output (unused by the head).
+        """
         mask = mask.bool()
         dense = bool(mask.all())
         x = self.embed(ids)  # (B, T, d)
-        local = self.conv(x, mask) if self.conv is not None else x  # (B, T, d)
+        local = self.conv(x, mask) if self.conv is not None and self.cfg.conv_position == "input" else x
         h = local
         for block in self.blocks:
             h = block(h, mask, dense)  # (B, T, d)
         return local, h
+
+    def features(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local (convolution) and global (transformer) features, each (B, T, d), before fusion."""
+        local, h = self.body(ids, mask)
+        return self.branch(h, mask.bool()) if self.cfg.conv_position == "branch" else local, h
+
+    def branch(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The conv branch over the transformer's output (B, T, d) -> (B, T, d); the identity without one."""
+        if self.conv is None or self.cfg.conv_position != "branch":
+            return hidden
+        return self.conv(hidden, mask.bool())
 
     def head(self, local: torch.Tensor, global_: torch.Tensor) -> torch.Tensor:
         """Fusion then output projection, in the head's own dtype (the runtime keeps it FP32)."""
@@ -300,18 +331,59 @@ class HybridEncoder(nn.Module):
         local, h = self.features(ids, mask)
         return self.head(local, h)  # (B, T, out_dim)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pooled(self, local: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unit sentence embeddings (B, out_dim) from local and global features (B, T, d)."""
         if self.fusion is not None and self.fusion.method == "attention":  # per-token softmax: fuse, then pool
-            return l2_normalize(mean_pool(self.token_states(ids, mask), mask))  # (B, out_dim)
+            return l2_normalize(mean_pool(self.head(local, h), mask))  # (B, out_dim)
         # concat and weighted fusion and the output projection are affine per token, and
         # the masked mean is a weighted average of tokens with weights summing to one, so
         # pooling first gives the same vector with (B, d) products instead of (B, T, d).
         # Pooling sums up to T half-precision rows: do it in FP32.
-        local, h = self.features(ids, mask)
         return l2_normalize(self.head(mean_pool(local.float(), mask), mean_pool(h.float(), mask)))  # (B, out_dim)
+
+    def from_hidden(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unit embeddings (B, out_dim) from the transformer's output (B, T, d): what a frozen body caches.
+
+        Only for models whose local features derive from the hidden states (a conv branch, or no conv).
+        """
+        if self.conv is not None and self.cfg.conv_position == "input":
+            raise ValueError("an input conv block needs the token embeddings, not the transformer's output")
+        mask = mask.bool()
+        if self.conv is None or (self.fusion is not None and self.fusion.method == "attention"):
+            return self.pooled(self.branch(hidden, mask), hidden, mask)
+        # an affine head: pool the branch before its pointwise mix (MultiScaleConv.pooled)
+        return l2_normalize(self.head(self.conv.pooled(hidden, mask), mean_pool(hidden.float(), mask)))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        local, h = self.body(ids, mask)
+        if self.conv is None or self.cfg.conv_position == "branch":
+            return self.from_hidden(h, mask)  # (B, out_dim)
+        return self.pooled(local, h, mask)  # (B, out_dim)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def with_conv_branch(model: HybridEncoder, kernels: tuple[int, ...] = (3, 5, 7), fusion: str = "concat"
+                     ) -> HybridEncoder:
+    """A copy of ``model`` with a zero-initialised conv branch on its transformer's output.
+
+    The branch's output weights are zero and the fusion passes the transformer
+    path through, so the copy computes ``model``'s function: adaptation starts
+    from the serving encoder. A model that already has a branch is copied as is.
+    """
+    if model.conv is not None and model.cfg.conv_position == "branch":
+        cfg = model.cfg
+    elif model.conv is not None:
+        raise ValueError("the model has an input conv block; a branch would sit next to it untested")
+    else:
+        cfg = Config(**{**asdict(model.cfg), "conv_kernels": tuple(kernels), "conv_position": "branch",
+                        "fusion": fusion})
+    new = HybridEncoder(cfg)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not k.startswith(("conv.", "fusion.")) for k in missing):
+        raise ValueError(f"cannot graft a branch: missing {missing}, unexpected {unexpected}")
+    return new.to(next(model.parameters()).dtype)
 
 
 # ----------------------------------------------------------------------------- checkpoints

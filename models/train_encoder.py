@@ -163,6 +163,69 @@ def info_nce(queries: torch.Tensor, passages: torch.Tensor, temperature: float) 
     return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
 
 
+def info_nce_with_negatives(queries: torch.Tensor, passages: torch.Tensor, negatives: torch.Tensor,
+                            temperature: float) -> torch.Tensor:
+    """InfoNCE over in-batch passages (B, D) plus mined hard negatives (M, D): query i's positive is passage i."""
+    logits = queries @ torch.cat([passages, negatives]).T / temperature  # (B, B + M)
+    return F.cross_entropy(logits, torch.arange(len(queries), device=queries.device))
+
+
+def margin_mse(queries: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+               target_margin: torch.Tensor) -> torch.Tensor:
+    """MarginMSE (Hofstätter et al. 2020, https://arxiv.org/abs/2010.02666), as GPL trains with it.
+
+    queries, positives, negatives (B, D) unit rows; target_margin (B,) the pseudo-labeller's
+    score(q, pos) - score(q, neg). The student's margin is in cosine units.
+    """
+    margin = (queries * positives).sum(-1) - (queries * negatives).sum(-1)  # (B,)
+    return F.mse_loss(margin, target_margin)
+
+
+@dataclass
+class AdaptBatch:
+    """One step of domain adaptation: pseudo-queries, their passages, a mined negative each, replayed texts.
+
+    Each field is an encoder input the student embeds: ``(ids, mask)`` token tensors
+    (B, T), or ``(hidden, mask)`` cached transformer states (B, T, d) when the
+    transformer is frozen. ``margin`` (B,) is the pseudo-label; ``anchor`` (R, D)
+    the replayed texts' embeddings under the base encoder.
+    """
+
+    queries: tuple[torch.Tensor, torch.Tensor]
+    positives: tuple[torch.Tensor, torch.Tensor]
+    negatives: tuple[torch.Tensor, torch.Tensor]
+    margin: torch.Tensor
+    replay: tuple[torch.Tensor, torch.Tensor] | None = None
+    anchor: torch.Tensor | None = None
+
+
+class DomainAdaptLoss(nn.Module):
+    """Owns the adaptation loss, GPL-style (Wang et al. 2022, https://arxiv.org/abs/2112.07577).
+
+    ``w_margin`` MarginMSE on the pseudo-labels, ``w_nce`` InfoNCE with in-batch
+    and mined negatives, and ``w_anchor`` a cosine anchor of replayed texts to the
+    base encoder's embeddings (learning without forgetting, Li & Hoiem 2016,
+    https://arxiv.org/abs/1606.09282). ``embed(x, mask)`` is the student's
+    ``forward`` on token ids or its ``from_hidden`` on cached states.
+    """
+
+    def __init__(self, embed, w_margin: float = 1.0, w_nce: float = 0.0, w_anchor: float = 1.0,
+                 temperature: float = 0.05):
+        super().__init__()
+        self.embed = embed
+        self.w_margin, self.w_nce, self.w_anchor, self.temperature = w_margin, w_nce, w_anchor, temperature
+
+    def forward(self, b: AdaptBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        q, p, n = self.embed(*b.queries), self.embed(*b.positives), self.embed(*b.negatives)  # (B, D) each
+        zero = q.new_zeros(())
+        margin = margin_mse(q, p, n, b.margin) if self.w_margin else zero
+        nce = info_nce_with_negatives(q, p, n, self.temperature) if self.w_nce else zero
+        anchor = cosine_loss(self.embed(*b.replay), b.anchor) if b.replay is not None and self.w_anchor else zero
+        loss = self.w_margin * margin + self.w_nce * nce + self.w_anchor * anchor
+        parts = {"loss": loss, "margin": margin, "nce": nce, "anchor": anchor}
+        return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
 @dataclass
 class Batch:
     """Token ids, masks (B, T) and teacher embeddings (B, 384) for texts, queries and passages.

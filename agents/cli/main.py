@@ -239,6 +239,7 @@ def _register_subapps() -> None:
         ("hybridrag.agents.cli.eval_cli", None),
         ("hybridrag.models.train_encoder", "train"),
         ("hybridrag.agents.cli.memory_cli", "memory"),
+        ("hybridrag.agents.cli.adapt", "adapt"),
         ("hybridrag.agents.synthesis.synthesizer", "synth"),
     ]:
         try:

@@ -913,18 +913,29 @@ async def run_update_in_subprocess(base_checkpoint: str | None, examples: Sequen
     process is killed) returns a failed :class:`UpdateResult` whose ``error``
     says what happened, with the tail of the process's log.
     """
-    t0 = time.monotonic()
-    timeout_s = cfg.timeout_s if timeout_s is None else timeout_s
     job_dir = Path(cfg.data_dir) / "cache" / "continual" / "jobs" / uuid.uuid4().hex[:12]
     job_dir.mkdir(parents=True, exist_ok=True)
+    write_job(job_dir / "job.json", base_checkpoint, examples, replay, cfg, out_dir)
+    return await run_job_in_subprocess("hybridrag.agents.retention.continual_learner", job_dir, cfg.threads,
+                                       cfg.timeout_s if timeout_s is None else timeout_s)
+
+
+async def run_job_in_subprocess(module: str, job_dir: Path, threads: int, timeout_s: float,
+                                niceness: int = 0) -> UpdateResult:
+    """``python -m <module> run`` on ``job_dir/job.json`` at ``niceness``; the :class:`UpdateResult` it wrote.
+
+    Never raises, never hangs: a crash, a non-zero exit or the timeout (the
+    process is killed) is a failed result with the tail of the process's log.
+    """
+    t0 = time.monotonic()
     job, result_path, log_path = job_dir / "job.json", job_dir / "result.json", job_dir / "update.log"
-    write_job(job, base_checkpoint, examples, replay, cfg, out_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads),
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    prefix = ["nice", "-n", str(niceness)] if niceness else []
     with open(log_path, "wb") as logf:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "hybridrag.agents.retention.continual_learner", "run", "--input", str(job), "--output", str(result_path),
-            stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env)
+            *prefix, sys.executable, "-m", module, "run", "--input", str(job), "--output", str(result_path),
+            stdout=logf, stderr=asyncio.subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         try:
             rc = await asyncio.wait_for(proc.wait(), timeout=timeout_s)
         except asyncio.TimeoutError:
@@ -941,8 +952,19 @@ async def run_update_in_subprocess(base_checkpoint: str | None, examples: Sequen
                                    seconds=time.monotonic() - t0)
     result = UpdateResult(**json.loads(result_path.read_text()))
     if not result.error:
-        job.unlink(missing_ok=True)  # the examples are in Redis; the log stays for the record
+        job.unlink(missing_ok=True)  # the inputs are in Redis; the log stays for the record
     return result
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: a SIGKILLed worker takes its training process with it (Linux prctl)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the timeout still bounds an orphan
+        pass
 
 
 def _tail(path: Path, n: int = 800) -> str:

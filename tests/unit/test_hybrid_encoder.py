@@ -256,3 +256,43 @@ def test_embedding_space_follows_the_weights():
     assert load_prior(hybrid).encoder_version == "minilm-l6-v2"
     with pytest.raises(FileNotFoundError):
         load_prior(fast)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "weighted", "attention"])
+def test_a_grafted_conv_branch_starts_as_the_model_and_reads_cached_states(fusion):
+    """A zero-initialised branch leaves the function unchanged; from_hidden equals forward once it has moved."""
+    from hybridrag.models.hybrid_encoder import with_conv_branch
+
+    torch.manual_seed(0)
+    base = HybridEncoder(Config(**{**TINY, "conv_kernels": ()})).eval()
+    ids, mask = ids_and_mask()
+    grafted = with_conv_branch(base, fusion=fusion).eval()
+    assert grafted.cfg.conv_position == "branch" and grafted.cfg.conv_kernels == (3, 5, 7)
+    with torch.no_grad():
+        if fusion == "concat":
+            assert torch.allclose(grafted(ids, mask), base(ids, mask), atol=1e-6)
+        grafted.conv.mix.weight.normal_(0, 0.05)
+        if fusion == "concat":
+            grafted.fusion.proj.weight[:, :32].normal_(0, 0.05)
+        elif fusion == "weighted":
+            grafted.fusion.logits.zero_()
+        else:
+            grafted.fusion.source_bias.zero_()
+        moved = grafted(ids, mask)
+        _, hidden = grafted.body(ids, mask)
+        cached = grafted.from_hidden(hidden, mask)
+    assert torch.allclose(moved, cached, atol=1e-6)
+    assert not torch.allclose(moved, base(ids, mask), atol=1e-3)
+    assert torch.allclose(moved.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # padding stays out of the branch: a text embeds the same alone and padded
+    alone = grafted(ids[1:2, :7], mask[1:2, :7])
+    assert torch.allclose(alone, moved[1:2], atol=1e-5)
+
+
+def test_a_branch_cannot_be_grafted_next_to_an_input_conv_block():
+    from hybridrag.models.hybrid_encoder import with_conv_branch
+
+    with pytest.raises(ValueError, match="input conv block"):
+        with_conv_branch(tiny_model())
+    with pytest.raises(ValueError, match="conv position"):
+        Config(**{**TINY, "conv_position": "side"})
