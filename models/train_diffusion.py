@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -402,3 +403,284 @@ def save_text(model: td.MaskedDiffusion, vocab: td.Vocab, history: dict, out: Pa
         else path.with_suffix(".train.json")
     _save_json(curve, {"version": version, **history})
     return path
+
+
+# ---------------------------------------------------------------- the generator that starts from MiniLM
+
+# Sampling weight of each task in training: passage -> query first (the domain-adaptation loop needs it)
+MINILM_TASK_WEIGHTS = {"title": 0.25, "question": 0.1, "sentence": 0.15, "passage": 0.4, "unconditional": 0.1}
+# the one domain no generator trains on: it is scored as its own row
+MINILM_HELD_OUT_DOMAIN = "foldoc"
+
+
+def minilm_chunks(sentences: Sequence[str], min_words: int = 40, max_words: int = 90) -> list[str]:
+    """Consecutive sentences joined into passages of ``min_words``..``max_words`` words (about 128 WordPiece tokens at most)."""
+    out, parts, words = [], [], 0
+    for s in sentences:
+        n = len(s.split())
+        if words + n > max_words and parts:
+            if words >= min_words:
+                out.append(" ".join(parts))
+            parts, words = [], 0
+        if n <= max_words:
+            parts.append(s)
+            words += n
+    if words >= min_words:
+        out.append(" ".join(parts))
+    return out
+
+
+def minilm_examples(held_out: bool = False, seed: int = 0, cache_dir=None) -> dict[str, list[tuple[str, str]]]:
+    """(condition, target) texts per task from the project's corpora, FOLDOC never; ``held_out`` picks the test split.
+
+    - title: WordNet gloss -> its first lemma; a Wikipedia paragraph -> its article's title (heading -> section)
+    - question: a chatterbot answer -> its question
+    - sentence: a passage (Brown, Lee, Wikipedia) -> one of its sentences (ICT)
+    - passage: the reverse of all three (lemma -> gloss, question -> answer, sentence -> its passage, title -> paragraph)
+    - unconditional: a passage from nothing (MDLM)
+    """
+    from hybridrag.models import corpora
+
+    rng = random.Random(seed)
+    keep = lambda e: e.held_out == held_out  # noqa: E731
+    out: dict[str, list[tuple[str, str]]] = {task: [] for task in MINILM_TASK_WEIGHTS}
+    for e in filter(keep, corpora.wordnet_entries(cache_dir)):
+        out["title"].append((e.text, e.names[0]))
+        out["passage"].append((e.names[0], e.text))
+    for e in filter(keep, corpora.chatterbot_entries(cache_dir)):
+        for a in e.examples[:2]:
+            out["question"].append((a, e.names[0]))
+            out["passage"].append((e.names[0], a))
+    passages: list[str] = []
+    by_article: dict[str, list[str]] = {}
+    for e in filter(keep, corpora.wikipedia_paragraphs(cache_dir)):
+        by_article.setdefault(e.names[0], []).append(e.text)
+    for title, paras in by_article.items():
+        for chunk in (c for p in paras for c in minilm_chunks(corpora.split_sentences(p))):
+            out["title"].append((chunk, title))
+            out["passage"].append((title, chunk))
+            passages.append(chunk)
+    brown_files: dict[str, list[str]] = {}
+    for e in filter(keep, corpora.brown_sentences(cache_dir)):
+        brown_files.setdefault(e.uid.rsplit(":", 1)[0], []).append(e.text)
+    passages += [c for sents in brown_files.values() for c in minilm_chunks(sents)]
+    for e in filter(keep, corpora.lee_background(cache_dir)):
+        passages += minilm_chunks(corpora.split_sentences(e.text))
+    for p in passages:
+        sents = [s for s in corpora.split_sentences(p) if len(s.split()) >= 5]
+        if len(sents) >= 2:
+            s = rng.choice(sents)
+            out["sentence"].append((p, s))
+            out["passage"].append((s, p))
+    out["unconditional"] = [("", p) for p in passages] + [("", e.text) for e in filter(keep, corpora.wordnet_entries(cache_dir))][: len(passages)]
+    for rows in out.values():
+        rng.shuffle(rows)
+    return out
+
+
+def minilm_tokenized(examples: dict[str, list[tuple[str, str]]], tokenizer, cfg) -> dict[str, list[tuple[list[int], list[int]]]]:
+    """(condition row, target row) WordPiece ids per task (:func:`hybridrag.models.minilm_diffusion.cond_row`, ``target_row``)."""
+    from hybridrag.models import minilm_diffusion as md
+
+    out = {}
+    for task, rows in examples.items():
+        conds = td.wordpiece(tokenizer, [c for c, _ in rows])
+        targets = td.wordpiece(tokenizer, [t for _, t in rows])
+        length = cfg.passage_len if task in ("passage", "unconditional") else cfg.query_len
+        out[task] = [(md.cond_row(task, c, cfg.cond_len), md.target_row(t, length))
+                     for c, t in zip(conds, targets) if t]
+    return out
+
+
+def minilm_batches(rows: dict[str, list], n_batches: int, tokens: int = 1024, seed: int = 0,
+                   weights: dict[str, float] | None = None) -> list[tuple[str, list[int]]]:
+    """``n_batches`` (task, row indices) batches: tasks drawn by ``weights``, rows of like length, ~``tokens`` per batch.
+
+    Rows are drawn at random, then each task's pool is sorted by length and
+    cut into batches holding about ``tokens`` condition + target tokens, so
+    little of a batch is padding.
+    """
+    rng = random.Random(seed)
+    weights = weights or MINILM_TASK_WEIGHTS
+    tasks = [t for t in weights if rows.get(t)]
+    out: list[tuple[str, list[int]]] = []
+    for task in tasks:
+        want = max(1, round(n_batches * weights[task] / sum(weights[t] for t in tasks)))
+        pool = rows[task]
+        made: list[list[int]] = []
+        while len(made) < want:
+            idx = sorted(rng.sample(range(len(pool)), min(len(pool), 4096)), key=lambda i: len(pool[i][0]) + len(pool[i][1]))
+            cur: list[int] = []
+            for i in idx:
+                cur.append(i)
+                width = max(len(pool[j][0]) + 2 * len(pool[j][1]) for j in cur)
+                if width * len(cur) >= tokens:
+                    made.append(cur)
+                    cur = []
+        out += [(task, b) for b in made[:want]]
+    rng.shuffle(out)
+    return out
+
+
+def minilm_draws(task: str) -> int:
+    """Noised copies per condition: a query is short beside its passage, so one passage encoding serves two."""
+    return 2 if task in ("title", "question", "sentence") else 1
+
+
+def collate(rows: Sequence[tuple[list[int], list[int]]], device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    from hybridrag.models import minilm_diffusion as md
+
+    return md.pad_rows([c for c, _ in rows]).to(device), md.pad_rows([t for _, t in rows]).to(device)
+
+
+@torch.no_grad()
+def minilm_validation(diffusion, val: dict[str, list], draws: int = 2, seed: int = 0, batch: int = 32) -> dict:
+    """Held-out NELBO (nats per target token) and masked-token accuracy per task, seeded: two models see the same x_t."""
+    diffusion.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out: dict = {}
+    for task, rows in val.items():
+        nll = hits = masked = tokens = 0.0
+        for s in range(0, len(rows), batch):
+            cond, target = collate(rows[s : s + batch])
+            t = td.antithetic_times(len(cond) * draws, diffusion.cfg.eps, generator=gen)
+            n, h, m = diffusion.nelbo(cond, target, t, draws=draws, generator=gen)
+            nll, hits, masked = nll + n.sum().item(), hits + h.sum().item(), masked + m.sum().item()
+            tokens += (target != 0).sum().item() * draws
+        out[task] = {"nats_per_token": nll / max(tokens, 1), "masked_acc": hits / max(masked, 1)}
+    keys = [k for k in out if not k.startswith(MINILM_HELD_OUT_DOMAIN)]
+    out["val_nats_per_token"] = float(np.mean([out[k]["nats_per_token"] for k in keys]))
+    out["val_masked_acc"] = float(np.mean([out[k]["masked_acc"] for k in keys]))
+    return out
+
+
+def foldoc_validation_rows(tokenizer, cfg, limit: int = 64, seed: int = 0) -> dict[str, list]:
+    """The held-out domain's rows: FOLDOC definition -> term (title) and term -> definition (passage)."""
+    from hybridrag.models import corpora
+
+    entries = corpora.foldoc_entries()
+    rng = random.Random(seed)
+    rng.shuffle(entries)
+    pairs = [(corpora.foldoc_first_paragraph(e), e.names[0]) for e in entries[:limit]]
+    ex = {"title": pairs, "passage": [(q, p) for p, q in pairs]}
+    rows = minilm_tokenized(ex, tokenizer, cfg)
+    return {f"{MINILM_HELD_OUT_DOMAIN}:{k}": v for k, v in rows.items()}
+
+
+def plot_loss(history: dict, png: Path) -> None:
+    """The loss curve (training loss every 100 steps, validation NELBO) as a PNG, if matplotlib is installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history.get("loss"):
+        s, l = zip(*history["loss"])
+        ax.plot(s, l, label="train NELBO / token")
+    val = [v for v in history.get("val", []) if "val_nats_per_token" in v]
+    if val:
+        ax.plot([v["step"] for v in val], [v["val_nats_per_token"] for v in val], "o-", label="held-out NELBO / token")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats per target token")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def minilm_data(cfg, seed: int = 0, val_rows: int = 48) -> tuple[dict[str, list], dict[str, list]]:
+    """Tokenized training rows per task, and the held-out validation rows (FOLDOC's as their own tasks).
+
+    Tokenizing ~300k texts takes minutes on a shared CPU, so the rows are
+    cached under ``data/cache/diffusion/`` (keyed by the seed and the lengths).
+    """
+    import pickle
+
+    path = cache_dir() / f"minilm-rows-{seed}-{cfg.cond_len}-{cfg.query_len}-{cfg.passage_len}.pkl"
+    if path.exists():
+        rows, held = pickle.loads(path.read_bytes())
+    else:
+        tok = td.load_tokenizer()
+        rows = minilm_tokenized(minilm_examples(seed=seed), tok, cfg)
+        held = minilm_tokenized(minilm_examples(held_out=True, seed=seed), tok, cfg)
+        held = {k: v[:1000] for k, v in held.items()}
+        held.update(foldoc_validation_rows(tok, cfg, limit=1000))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps((rows, held)))
+    return rows, {k: v[:val_rows] for k, v in held.items()}
+
+
+def minilm_checkpoint_path() -> Path:
+    return CHECKPOINTS / "text-diffusion-minilm.pt"
+
+
+def train_minilm(
+    rows: dict[str, list],
+    batches: list[tuple[str, list[int]]],
+    val: dict[str, list],
+    cfg,
+    from_teacher: bool = True,
+    freeze_words: bool = True,
+    lr: float = 2e-4,
+    weight_decay: float = 0.01,
+    ema_decay: float = 0.995,
+    warmup: int = 50,
+    seed: int = 0,
+    state_path: Path | None = None,
+    resume: bool = False,
+    eval_every: int = 50,
+    time_budget_s: float | None = None,
+    amp: bool = False,
+    on_validate=None,
+    progress: bool = True,
+):
+    """Train the MiniLM denoiser on prepared batches; returns the EMA model and the history.
+
+    ``from_teacher``: start from MiniLM's weights (else from noise, the same
+    architecture: the comparison of the issue). ``freeze_words``: keep MiniLM's
+    word and position tables as they are (the tied decoder reads them too): the
+    step is cheaper and the checkpoint need not store them.
+    ``on_validate(ema, figures)``: called after each validation (exports, plots).
+    """
+    from hybridrag.models import minilm_diffusion as md
+
+    torch.manual_seed(seed)
+    diffusion = md.MinilmDiffusion(md.Denoiser(cfg))
+    if from_teacher or freeze_words:
+        diffusion.model.load_minilm()  # a from-scratch run with frozen tables still reads MiniLM's word table
+    if not from_teacher and freeze_words:
+        with torch.no_grad():
+            fresh = md.Denoiser(cfg)
+            for name, p in diffusion.model.named_parameters():
+                if not (freeze_words and name in md.FROZEN):
+                    p.copy_(dict(fresh.named_parameters())[name])
+    for name, p in diffusion.model.named_parameters():
+        p.requires_grad_(not (freeze_words and name in md.FROZEN))
+    params = [(n, p) for n, p in diffusion.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for n, p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                             {"params": [p for n, p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    history: dict = {"loss": [], "val": [], "config": asdict(cfg), "lr": lr, "seed": seed, "from_teacher": from_teacher,
+                     "freeze_words": freeze_words, "rows": {k: len(v) for k, v in rows.items()}}
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        task, members = batches[int(idx[0])]
+        cond, target = collate([rows[task][i] for i in members])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return diffusion(cond, target, draws=minilm_draws(task))
+
+    def validate(ema) -> dict:
+        figures = minilm_validation(ema, val)
+        if on_validate is not None:
+            on_validate(ema, figures)
+        return figures
+
+    loop = LoopConfig(steps=len(batches), batch_size=1, lr=lr, warmup=warmup, ema_decay=ema_decay, ema_start=20,
+                      seed=seed, state_path=state_path, resume=resume, save_every=eval_every, eval_every=eval_every,
+                      time_budget_s=time_budget_s, progress=progress, desc="minilm-diffusion", loss_format=".3f")
+    return train(diffusion, opt, len(batches), loss_of, validate, history, loop)

@@ -115,5 +115,57 @@ def text(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def minilm(
+    minutes: float = typer.Option(80.0, help="Wall-clock budget of the run, resumes included; the LR decays over it."),
+    from_teacher: bool = typer.Option(True, help="Start from MiniLM's weights (--no-from-teacher: from noise)."),
+    freeze_words: bool = typer.Option(None, help="Keep MiniLM's word and position tables frozen "
+                                      "(default: on from the teacher, off from noise)."),
+    tokens: int = typer.Option(1024, help="Condition + target tokens per batch."),
+    lr: float = typer.Option(2e-4),
+    eval_every: int = typer.Option(50, help="Steps between validations, resumable states and exports."),
+    val_rows: int = typer.Option(48, help="Held-out rows per task for the running validation."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, help="torch threads: the machine is shared."),
+    resume: bool = typer.Option(False, help="Continue from data/cache/diffusion/minilm-<name>-state.pt."),
+    name: str = typer.Option("teacher", help="Run name: its state, log and plot files are named after it."),
+    out: Path = typer.Option(None, help="Checkpoint exported at every validation "
+                             "(default models/checkpoints/text-diffusion-minilm.pt for a from-teacher run)."),
+) -> None:
+    """Train the masked-diffusion generator that starts from MiniLM (both directions, FOLDOC held out)."""
+    from hybridrag.models import minilm_diffusion as md
+    from hybridrag.models import train_diffusion as tdm
+
+    torch.set_num_threads(threads)
+    freeze = from_teacher if freeze_words is None else freeze_words
+    cfg = md.Config()
+    rows, val = tdm.minilm_data(cfg, seed=seed, val_rows=val_rows)
+    batches = tdm.minilm_batches(rows, n_batches=20_000, tokens=tokens, seed=seed)
+    typer.echo(f"training rows {json.dumps({k: len(v) for k, v in rows.items()})}, {len(batches)} batches")
+    lengths = {k: [len(t) for _, t in v[:20000]] for k, v in rows.items()}
+    path = out or (tdm.minilm_checkpoint_path() if from_teacher else cache_dir() / f"minilm-{name}.pt")
+    state = cache_dir() / f"minilm-{name}-state.pt"
+    log = cache_dir() / f"minilm-{name}.val.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        log.write_text("")
+
+    def export(ema, figures: dict) -> None:
+        version = f"text-diffusion-minilm-{tdm.state_digest(ema.state_dict())}"
+        torch.save(ema.checkpoint(frozen=md.FROZEN if freeze else (), version=version, lengths=lengths,
+                                  meta={"from_teacher": from_teacher, "val": figures, "name": name}), path)
+        with open(log, "a") as f:
+            f.write(json.dumps({"version": version, **figures}) + "\n")
+
+    model, history = tdm.train_minilm(rows, batches, val, cfg, from_teacher=from_teacher, freeze_words=freeze,
+                                      lr=lr, seed=seed,
+                                      state_path=state, resume=resume, eval_every=eval_every,
+                                      time_budget_s=minutes * 60, on_validate=export)
+    export(model, history["val"][-1])
+    tdm.plot_loss(history, cache_dir() / f"minilm-{name}.loss.png")
+    (cache_dir() / f"minilm-{name}.history.json").write_text(json.dumps(history, indent=1) + "\n")
+    typer.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     app()

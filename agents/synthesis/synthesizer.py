@@ -176,16 +176,16 @@ class Synthesizer:
         """
         cfg = self.config
         kw = dict(n=n, steps=cfg.text_steps, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+        write = getattr(self.text_model, "generate_passages", None) or self.text_model.generate
         with_ctx = [i for i in range(len(texts)) if contexts is not None and len(contexts[i]) > 0]
         scratch = sorted(set(range(len(texts))) - set(with_ctx))
         groups: list[list | None] = [None] * len(texts)
         if scratch:
-            for i, g in zip(scratch, self.text_model.generate([texts[i] for i in scratch], **kw)):
+            for i, g in zip(scratch, write([texts[i] for i in scratch], **kw)):
                 groups[i] = g
         if with_ctx:
             init = [contexts[i][j % len(contexts[i])] for i in with_ctx for j in range(n)]
-            for i, g in zip(with_ctx, self.text_model.generate([texts[i] for i in with_ctx], init_docs=init,
-                                                                strength=cfg.strength, **kw)):
+            for i, g in zip(with_ctx, write([texts[i] for i in with_ctx], init_docs=init, strength=cfg.strength, **kw)):
                 groups[i] = g
         return groups  # type: ignore[return-value]
 

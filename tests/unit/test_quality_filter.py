@@ -140,3 +140,44 @@ def test_a_near_copy_of_its_context_is_dropped_and_a_rewrite_is_kept():
     (strict,) = judge(Q, [Candidate(unit(1, 0.1, 0, 0), copy, context=context)],
                       FilterConfig(min_context_edit_rate=0.0))
     assert strict.kept
+
+
+REAL = [
+    "a program that translates source code into machine code",
+    "the jury said it did find that many of the city's laws are outmoded",
+    "a large natural stream of water flowing toward the sea",
+    "artificial intelligence is the branch of engineering devoted to constructing machines that think",
+]
+
+
+SPREAD = [unit(1, 1, 0, 0), unit(1, 0, 1, 0), unit(1, 0, 0, 1), unit(1, -1, 0, 0)]  # on topic, not duplicates
+
+
+def test_shuffled_and_word_salad_texts_are_dropped_as_disfluent_and_real_text_passes():
+    """The same words in a random order, or words drawn from anywhere, are dropped as disfluent; the originals pass."""
+    import random
+
+    rng = random.Random(0)
+    shuffled = []
+    for t in REAL:
+        w = t.split()
+        rng.shuffle(w)
+        shuffled.append(" ".join(w))
+    vocab = [w for t in REAL for w in t.split()]
+    salad = [" ".join(rng.choice(vocab) for _ in range(9)) for _ in range(4)]
+    real = judge(Q, [Candidate(v, t) for v, t in zip(SPREAD, REAL)])
+    assert all(d.kept for d in real), [d.reasons for d in real]
+    assert all(d.scores.order_gain > FilterConfig().min_order_gain for d in real)
+    for group in (shuffled, salad):
+        ds = judge(Q, [Candidate(v, t) for v, t in zip(SPREAD, group)])
+        # a shuffle can keep a pair in order ("machine code"): most, not all, are caught (the bench has the rates)
+        assert sum("disfluent" in d.reasons for d in ds) >= 2, [(t, d.scores.order_gain) for t, d in zip(group, ds)]
+        assert max(d.scores.order_gain for d in ds) < min(d.scores.order_gain for d in real)
+        for d in ds:
+            if not d.kept:
+                assert d.reasons  # every drop says why
+
+
+def test_order_gain_is_scored_only_on_texts_with_enough_distinct_words():
+    (d,) = judge(Q, [Candidate(Q, "central processing unit")])
+    assert d.kept and d.scores.order_gain is None
