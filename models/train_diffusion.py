@@ -629,7 +629,7 @@ def train_minilm(
     lr: float = 2e-4,
     weight_decay: float = 0.01,
     ema_decay: float = 0.995,
-    warmup: int = 50,
+    warmup: int = 20,
     seed: int = 0,
     state_path: Path | None = None,
     resume: bool = False,

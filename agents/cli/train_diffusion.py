@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -121,10 +122,11 @@ def minilm(
     from_teacher: bool = typer.Option(True, help="Start from MiniLM's weights (--no-from-teacher: from noise)."),
     freeze_words: bool = typer.Option(None, help="Keep MiniLM's word and position tables frozen "
                                       "(default: on from the teacher, off from noise)."),
-    tokens: int = typer.Option(1024, help="Condition + target tokens per batch."),
-    lr: float = typer.Option(2e-4),
-    eval_every: int = typer.Option(50, help="Steps between validations, resumable states and exports."),
-    val_rows: int = typer.Option(48, help="Held-out rows per task for the running validation."),
+    tokens: int = typer.Option(768, help="Condition + target tokens per batch."),
+    lr: float = typer.Option(3e-4),
+    ema_decay: float = typer.Option(0.98, help="EMA of the weights: a half-life of ~35 steps suits runs of hundreds of steps."),
+    eval_every: int = typer.Option(20, help="Steps between validations, resumable states and exports."),
+    val_rows: int = typer.Option(16, help="Held-out rows per task for the running validation."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="torch threads: the machine is shared."),
     resume: bool = typer.Option(False, help="Continue from data/cache/diffusion/minilm-<name>-state.pt."),
@@ -149,19 +151,28 @@ def minilm(
     log.parent.mkdir(parents=True, exist_ok=True)
     if not resume:
         log.write_text("")
+    # validations are every eval_every steps; a resumed run continues the log's step and time
+    done = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+    clock = {"step": done[-1]["step"] if done else 0, "s": done[-1]["elapsed_s"] if done else 0.0,
+             "t0": time.perf_counter()}
 
-    def export(ema, figures: dict) -> None:
+    def export(ema, figures: dict, final_step: int | None = None) -> None:
+        clock["step"] = final_step if final_step is not None else clock["step"] + eval_every
+        figures = {**figures, "step": clock["step"], "elapsed_s": clock["s"] + time.perf_counter() - clock["t0"]}
         version = f"text-diffusion-minilm-{tdm.state_digest(ema.state_dict())}"
         torch.save(ema.checkpoint(frozen=md.FROZEN if freeze else (), version=version, lengths=lengths,
                                   meta={"from_teacher": from_teacher, "val": figures, "name": name}), path)
-        with open(log, "a") as f:
-            f.write(json.dumps({"version": version, **figures}) + "\n")
+        lines = log.read_text().splitlines()
+        if final_step is not None and lines:
+            lines.pop()  # the loop's own last validation of this model, logged one interval ahead
+        log.write_text("".join(x + "\n" for x in [*lines, json.dumps({"version": version, **figures})]))
 
     model, history = tdm.train_minilm(rows, batches, val, cfg, from_teacher=from_teacher, freeze_words=freeze,
-                                      lr=lr, seed=seed,
+                                      lr=lr, ema_decay=ema_decay, seed=seed,
                                       state_path=state, resume=resume, eval_every=eval_every,
                                       time_budget_s=minutes * 60, on_validate=export)
-    export(model, history["val"][-1])
+    export(model, {k: v for k, v in history["val"][-1].items() if k not in ("step", "elapsed_s")},
+           final_step=history["steps"])
     tdm.plot_loss(history, cache_dir() / f"minilm-{name}.loss.png")
     (cache_dir() / f"minilm-{name}.history.json").write_text(json.dumps(history, indent=1) + "\n")
     typer.echo(f"wrote {path}")

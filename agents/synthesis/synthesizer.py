@@ -40,7 +40,8 @@ def prior_path(encoder_version: str) -> Path:
 
 
 def text_model_path() -> Path:
-    return CHECKPOINTS / "text-diffusion-v1.pt"
+    """The shipped text generator: the masked-diffusion model that starts from MiniLM."""
+    return CHECKPOINTS / "text-diffusion-minilm.pt"
 
 
 def load_prior(encoder: Encoder, path: str | Path | None = None):
@@ -64,9 +65,26 @@ def embedding_space(encoder: Encoder) -> str:
 
 
 def load_text_model(path: str | Path | None = None):
+    """The text generator at ``path`` (default: the shipped one), by its checkpoint's kind.
+
+    ``minilm-diffusion``: :class:`hybridrag.models.minilm_diffusion.MinilmGenerator`;
+    ``text-diffusion``: the earlier from-scratch model (``text-diffusion-v1.pt``), the benchmarks' baseline.
+    """
+    import torch
+
+    from hybridrag.models.minilm_diffusion import MinilmGenerator
     from hybridrag.models.text_diffusion import TextDiffusionModel
 
-    return TextDiffusionModel.load(Path(path) if path else text_model_path())
+    p = Path(path) if path else text_model_path()
+    if not p.exists():
+        raise FileNotFoundError(f"no text-diffusion checkpoint at {p}; train one with "
+                                f"`python -m hybridrag.agents.cli.train_diffusion minilm`")
+    kind = torch.load(p, map_location="cpu", weights_only=False).get("kind")
+    if kind == "minilm-diffusion":
+        return MinilmGenerator.load(p)
+    if kind == "text-diffusion":
+        return TextDiffusionModel.load(p)
+    raise ValueError(f"{p} is not a text-diffusion checkpoint (kind={kind!r})")
 
 
 @dataclass
@@ -269,9 +287,11 @@ def synth(
 ) -> None:
     """Print samples from both diffusion models for QUERY, with their filter scores.
 
-    Text samples are rewrites of passages retrieved for the query (or given
-    with --context): a small diffusion model trained on a CPU cannot write
-    readable text from nothing, but it can rewrite real text toward a query.
+    Text samples come from the shipped generator (MiniLM's masked diffusion,
+    ``text-diffusion-minilm.pt``): rewrites of passages retrieved for the query
+    (or given with --context) at --strength, or, with --corpus none or
+    --strength 1.0, passages written from the query alone. Its measured
+    quality is in bench/README.md (bench/diffusion_minilm.py).
     """
     from hybridrag.models.encoders import load_encoder
 
