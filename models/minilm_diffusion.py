@@ -465,3 +465,15 @@ class MinilmGenerator:
         return [[Generated(text=self.decode(x), token_ids=list(x), unk_count=0,
                            init_text=None if ctx is None else ctx[i * n + j]) for j, x in enumerate(group)]
                 for i, group in enumerate(ids)]
+
+
+_SHIPPED: dict[str, MinilmGenerator] = {}
+
+
+def generate_queries(passages: Sequence[str], n_per_passage: int = 3, task: str = "title",
+                     path: Path | str | None = None, **kw) -> list[list[str]]:
+    """Pseudo-queries for passages with the shipped generator (loaded once): see :meth:`MinilmGenerator.generate_queries`."""
+    key = str(path or "")
+    if key not in _SHIPPED:
+        _SHIPPED[key] = MinilmGenerator.load(path)
+    return _SHIPPED[key].generate_queries(passages, n_per_passage, task=task, **kw)

@@ -684,3 +684,30 @@ def train_minilm(
                       seed=seed, state_path=state_path, resume=resume, save_every=eval_every, eval_every=eval_every,
                       time_budget_s=time_budget_s, progress=progress, desc="minilm-diffusion", loss_format=".3f")
     return train(diffusion, opt, len(batches), loss_of, validate, history, loop)
+
+
+def plot_validation_logs(logs: dict[str, Path], png: Path) -> None:
+    """Held-out NELBO and masked-token accuracy against training time, one line per run's ``*.val.jsonl``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, path in logs.items():
+        rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+        minutes = [r["elapsed_s"] / 60 for r in rows]
+        a.plot(minutes, [r["val_nats_per_token"] for r in rows], "o-", label=name)
+        b.plot(minutes, [r["val_masked_acc"] for r in rows], "o-", label=name)
+    a.set_ylabel("held-out NELBO, nats per target token")
+    b.set_ylabel("held-out masked-token accuracy")
+    for ax in (a, b):
+        ax.set_xlabel("training minutes (2 shared cores)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

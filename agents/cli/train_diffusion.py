@@ -174,6 +174,7 @@ def minilm(
     export(model, {k: v for k, v in history["val"][-1].items() if k not in ("step", "elapsed_s")},
            final_step=history["steps"])
     tdm.plot_loss(history, cache_dir() / f"minilm-{name}.loss.png")
+    tdm.plot_validation_logs({name: log}, cache_dir() / f"minilm-{name}.val.png")
     (cache_dir() / f"minilm-{name}.history.json").write_text(json.dumps(history, indent=1) + "\n")
     typer.echo(f"wrote {path}")
 
