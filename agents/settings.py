@@ -63,11 +63,13 @@ class Settings(BaseSettings):
 
     # --- Micro-batching (the design's StreamBuffer) ---------------------------
     query_batch_max: int = _f(64, "Most queries answered in one batch (stream.take max).", ge=1)
-    query_batch_timeout_s: float = _f(0.05, "Longest a query waits for its batch to fill (stream.take within).", ge=0)
+    query_batch_timeout_s: float = _f(0.005, "Longest a query waits for its batch to fill (stream.take within). Short: "
+                                      "queries that queue while a batch computes fill the next one at once anyway.", ge=0)
     query_overlap: bool = _f(True, "Keep taking queries while a batch computes; a queued query joins the next batch "
                              "as soon as the model is free instead of after another timeout (agents/stream_buffer.py).")
     ingest_batch_max: int = _f(256, "Most documents encoded in one batch.", ge=1)
-    ingest_batch_timeout_s: float = _f(0.5, "Longest a document waits for its batch to fill.", ge=0)
+    ingest_batch_timeout_s: float = _f(0.05, "Longest a document waits for its batch to fill: a quiet topic flushes a "
+                                       "small batch early, a backlog still fills batches of ingest_batch_max at once.", ge=0)
 
     # --- Input limits --------------------------------------------------------
     max_message_bytes: int = _f(1_048_576, "Largest record accepted on any topic; larger goes to the DLQ.", ge=1)

@@ -125,17 +125,82 @@ async def handle_isolating_poison(agent: str, good: list, handle: Callable[[list
                 await send_dead_letter(item[0], f"{type(one_exc).__name__}: {one_exc}", "processing")
 
 
-async def process(agent: str, stream, events: Sequence, handle: Callable[[list], Awaitable[None]], model,
-                  max_chars: int | None) -> None:
-    """Decode, dead-letter the bad records, run ``handle`` on the good ones, then ack all."""
+Handle = Callable[[list], Awaitable[Awaitable[None] | None]]
+
+
+class InOrderTails:
+    """The ends of batches (produce acknowledged, then ack), run in order beside the next batch's compute.
+
+    At most one tail is in flight: :meth:`submit` first waits for the one before,
+    so acks keep their order and a slow broker holds the next batch back instead
+    of letting unfinished batches pile up. A stopping agent cancels the tail in
+    flight; its batch stays unacked and goes back to the group.
+    """
+
+    def __init__(self):
+        self._last: asyncio.Future | None = None
+
+    async def submit(self, tail: Awaitable[None]) -> None:
+        await self.drain()
+        self._last = asyncio.ensure_future(tail)
+
+    async def drain(self) -> None:
+        last, self._last = self._last, None
+        if last is not None:
+            await last
+
+    def cancel(self) -> None:
+        if self._last is not None:
+            self._last.cancel()
+
+
+async def complete(handle: Handle, items: list) -> None:
+    """Run ``handle`` and the rest of the effect it returns, if any."""
+    rest = await handle(items)
+    if rest is not None:
+        await rest
+
+
+async def process(agent: str, stream, events: Sequence, handle: Handle, model, max_chars: int | None,
+                  tails: InOrderTails | None = None) -> None:
+    """Decode, dead-letter the bad records, run ``handle`` on the good ones, then ack all.
+
+    ``handle`` may return an awaitable, the rest of its effect (the answers' produce
+    acknowledged, say): the records are acked only after it. With ``tails`` that rest
+    and the acks run beside the next batch; without, before this call returns. A rest
+    that fails runs its records again, whole, through the retries and the dead letters.
+    """
     metrics.BATCH_SIZE.labels(agent).observe(len(events))
     good, bad = decode_events(events, model, max_chars)
     for ev, reason in bad:
         await send_dead_letter(ev, reason, "validation")
+    started: list[tuple[list, Awaitable[None]]] = []  # (records, the rest of their effect)
+
+    async def start(items: list) -> None:
+        rest = await handle(items)
+        if rest is not None:
+            started.append((items, rest))
+
     if good:
-        await handle_isolating_poison(agent, good, handle)
-    await ack_all(stream, events)
-    metrics.PROCESSED.labels(agent).inc(len(events))
+        await handle_isolating_poison(agent, good, start)
+
+    async def finish() -> None:
+        for items, rest in started:
+            try:
+                await rest
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s: finishing a batch of %d failed (%s: %s), running it again", agent, len(items),
+                            type(exc).__name__, exc)
+                await handle_isolating_poison(agent, items, lambda its: complete(handle, its))
+        await ack_all(stream, events)
+        metrics.PROCESSED.labels(agent).inc(len(events))
+
+    if tails is None:
+        await finish()
+    else:
+        await tails.submit(finish())
 
 
 async def ack_all(stream, events: Sequence) -> None:

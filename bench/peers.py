@@ -232,11 +232,18 @@ PROFILE_STAGES = (
     ("event loop, logging, metrics", r"asyncio|logging|prometheus|/aiohttp/|/venusian/"),
 )
 _STAGE_PATTERNS = [(stage, re.compile(pat)) for stage, pat in PROFILE_STAGES]
+# a thread blocked in one of these (as its innermost frame) is waiting, not working: py-spy counts a
+# thread that waits in epoll or in a lock as active, so these samples are set apart as idle
+IDLE_LEAF = re.compile(r"^([\w<>]+\.)*(select|poll|wait|_wait_for_tstate_lock|acquire|get|_serve|_worker|sleep|"
+                       r"_poll_for_event|consume|run_forever_inner) \(")
 
 
 def stage_of(stack: str) -> str:
     """The stage a sampled stack (py-spy raw: frames outermost first, ``;``-joined) spends its time in."""
-    for frame in reversed(stack.split(";")):
+    frames = stack.split(";")
+    if IDLE_LEAF.match(frames[-1]):
+        return "idle"
+    for frame in reversed(frames):
         for stage, pattern in _STAGE_PATTERNS:
             if pattern.search(frame):
                 return stage
@@ -244,7 +251,7 @@ def stage_of(stack: str) -> str:
 
 
 def profile_breakdown(raw: str) -> dict:
-    """Share of the sampled (non-idle) time per stage, from py-spy's raw output."""
+    """Share of the working (not idle) samples per stage, from py-spy's raw output."""
     counts: dict[str, int] = {}
     for line in raw.splitlines():
         stack, _, n = line.rpartition(" ")
@@ -252,8 +259,10 @@ def profile_breakdown(raw: str) -> dict:
             continue
         stage = stage_of(stack)
         counts[stage] = counts.get(stage, 0) + int(n)
+    idle = counts.pop("idle", 0)
     total = sum(counts.values()) or 1
-    return {"samples": total, "share": {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
+    return {"samples": total, "idle_samples": idle,
+            "share": {k: v / total for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}}
 
 
 # ---------------------------------------------------------------- load

@@ -15,6 +15,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from hybridrag.models.batching import length_buckets
+
 ORIGINAL_VERSION = "minilm-l6-v2"
 
 
@@ -49,15 +51,20 @@ class OriginalEncoder:
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
         with self._lock:
-            out = self.model.encode(
-                list(texts),
-                batch_size=batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.ascontiguousarray(out, dtype=np.float32)
+            # sentence-transformers pads each batch of batch_size to its longest text;
+            # buckets of similar length (characters stand in for tokens) waste little
+            for idx in length_buckets([len(t) for t in texts], batch_size):
+                out[idx] = self.model.encode(
+                    [texts[i] for i in idx],
+                    batch_size=len(idx),
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+        return out
 
 
 _ENCODERS: dict[str, Encoder] = {}

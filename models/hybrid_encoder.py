@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hybridrag.models.batching import length_buckets
 from hybridrag.models.streaming_attention import sliding_window_attention
 
 log = logging.getLogger(__name__)
@@ -584,10 +585,8 @@ class HybridEncoderRuntime:
         return [e.ids for e in encodings]
 
     def _batches(self, ids: list[list[int]], batch_size: int):
-        """Yield (indices, ids (B, T), mask (B, T)) with texts sorted by length to cut padding."""
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        """Yield (indices, ids (B, T), mask (B, T)) in buckets of similar length, to cut padding."""
+        for idx in length_buckets([len(x) for x in ids], batch_size):
             T = max(len(ids[i]) for i in idx)
             batch = torch.full((len(idx), T), self.cfg.pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), T), dtype=torch.bool)

@@ -349,6 +349,9 @@ class VectorStore:
         self.client = milvus_client(uri, token)
         # MilvusClient is not documented thread-safe; the agents call it from executors
         self._lock = threading.Lock()
+        # mirror searches take only this one, so a query never waits behind a Milvus call;
+        # mirror writes take it inside _lock
+        self._mirror_lock = threading.Lock()
         self.hubness_k = hubness_k  # 0: no hubness (every row stores 0)
         self.hubness_refresh_growth = hubness_refresh_growth
         self._ensure_collection()
@@ -444,9 +447,10 @@ class VectorStore:
         with self._lock:
             self.client.upsert(self.name, data)
             if self.mirror is not None:
-                for r, d, h in zip(rows, data, hubness):
-                    self.mirror.put(r.id, np.asarray(r.vector, np.float32), r.doc_id, r.chunk, d["text"], d["title"],
-                                    r.tenant, bool(r.synthetic), float(h))
+                with self._mirror_lock:
+                    for r, d, h in zip(rows, data, hubness):
+                        self.mirror.put(r.id, np.asarray(r.vector, np.float32), r.doc_id, r.chunk, d["text"],
+                                        d["title"], r.tenant, bool(r.synthetic), float(h))
         if self.has_hubness and self.hubness_k > 0 and self.hubness_refresh_growth > 0 and self._refresh_due():
             self.refresh_hubness()
         return len(data)
@@ -608,8 +612,9 @@ class VectorStore:
         with self._lock:
             res = self.client.delete(self.name, ids=list(ids))
             if self.mirror is not None:
-                for i in ids:
-                    self.mirror.remove(i)
+                with self._mirror_lock:
+                    for i in ids:
+                        self.mirror.remove(i)
         return int(res.get("delete_count", len(ids))) if isinstance(res, dict) else len(ids)
 
     def search(
@@ -633,7 +638,7 @@ class VectorStore:
             groups.setdefault(t, []).append(i)
         for t, rows in groups.items():
             if self.mirror is not None:
-                with self._lock:
+                with self._mirror_lock:
                     res_hits = self.mirror.search(np.asarray(vectors)[rows], top_k, t, include_synthetic, with_vectors)
                 for i, hits in zip(rows, res_hits):
                     out[i] = hits
