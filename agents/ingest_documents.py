@@ -1,4 +1,11 @@
-"""Agent ``ingest_documents``: documents are chunked, encoded and upserted into the vector store."""
+"""Agent ``ingest_documents``: documents are chunked, encoded and upserted into the vector store.
+
+Batches form as the queries' do (:class:`~hybridrag.agents.stream_buffer.Overlapped`): a
+document that arrives while the ingest lane is free is indexed at once, in a batch of
+one, and the documents that arrive while a batch computes make the next batch, up to
+``ingest_batch_max``. So a quiet topic gets fresh documents searchable within a few
+milliseconds of their arrival, and a bulk load still runs in full batches.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from hybridrag.agents.app import app, documents_topic, settings
 from hybridrag.agents.kafka import metrics
 from hybridrag.agents.kafka.schemas import Document
 from hybridrag.agents.runtime import Runtime, runtime
+from hybridrag.agents.stream_buffer import Overlapped
 from hybridrag.agents.stream_processor import process
 
 log = logging.getLogger("hybridrag")
@@ -16,9 +24,14 @@ log = logging.getLogger("hybridrag")
 @app.agent(documents_topic, name="ingest_documents")
 async def ingest_documents(stream):
     await runtime.ready(app)
-    async for events in stream.noack_take(settings.ingest_batch_max, within=settings.ingest_batch_timeout_s):
+
+    async def ingest(events: list) -> None:
         await process("ingest", stream, events, lambda items: index_documents(runtime, items), Document,
                       settings.max_document_chars)
+
+    async with Overlapped(ingest, max_batch=settings.ingest_batch_max) as batches:
+        async for events in stream.noack_take(settings.ingest_batch_max, within=settings.ingest_batch_timeout_s):
+            await batches.put(events)
 
 
 async def index_documents(rt: Runtime, items: list) -> None:

@@ -68,8 +68,9 @@ class Settings(BaseSettings):
     query_overlap: bool = _f(True, "Keep taking queries while a batch computes; a queued query joins the next batch "
                              "as soon as the model is free instead of after another timeout (agents/stream_buffer.py).")
     ingest_batch_max: int = _f(256, "Most documents encoded in one batch.", ge=1)
-    ingest_batch_timeout_s: float = _f(0.05, "Longest a document waits for its batch to fill: a quiet topic flushes a "
-                                       "small batch early, a backlog still fills batches of ingest_batch_max at once.", ge=0)
+    ingest_batch_timeout_s: float = _f(0.02, "Longest a document waits for its batch to fill (stream.take within): a "
+                                       "quiet topic flushes a small batch early, a backlog fills batches of "
+                                       "ingest_batch_max while the one before computes.", ge=0)
 
     # --- Input limits --------------------------------------------------------
     max_message_bytes: int = _f(1_048_576, "Largest record accepted on any topic; larger goes to the DLQ.", ge=1)
