@@ -610,6 +610,7 @@ def run_system(name: str, broker: EmbeddedBroker, run_dir: Path, work: Workload,
 
     asyncio.run(publish())
     t0 = time.perf_counter()
+    load_before = os.getloadavg()
     sut = launch(name, settings, run_dir, args)
     rss = RssSampler(sut.proc.pid)
     try:
@@ -618,6 +619,8 @@ def run_system(name: str, broker: EmbeddedBroker, run_dir: Path, work: Workload,
         print(f"[{name}] corpus searchable after {out['corpus_searchable_after_s']:.0f}s", flush=True)
         out.update(measure(name, settings, sut, work, args))
         out["rss_peak_mb"] = rss.peak / 2**20
+        # the machine may be shared: its 1/5/15-minute load averages when this system started and ended
+        out["load_average"] = {"start": load_before, "end": os.getloadavg(), "cpus": os.cpu_count()}
         return out
     finally:
         rss.stop()
