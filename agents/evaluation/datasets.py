@@ -373,10 +373,100 @@ def build_chatterbot(out_dir: Path | str | None = None, seed: int = 0) -> Path:
     return write_beir(out_dir or beir_dir() / "chatterbot", corpus, queries, qrels, meta)
 
 
+# The NAME one-liners that say nothing a reader would ask (".. functions", "wrapper"):
+# below this many words of their own a query is too thin to judge retrieval by.
+MANPAGE_MIN_QUERY_WORDS = 3
+
+
+def chunk_paragraphs(paragraphs: list[str], min_words: int = 150, max_words: int = 300) -> list[str]:
+    """Join paragraphs into passages of ``min_words``-``max_words`` words, in order.
+
+    A paragraph longer than ``max_words`` is cut at sentence ends; a short tail
+    joins the passage before it when the two fit in ``max_words``.
+    """
+    pieces: list[str] = []
+    for p in paragraphs:
+        if len(p.split()) <= max_words:
+            pieces.append(p)
+            continue
+        part: list[str] = []
+        for sentence in split_sentences(p):
+            if part and len(" ".join(part + [sentence]).split()) > max_words:
+                pieces.append(" ".join(part))
+                part = []
+            part.append(sentence)
+        if part:
+            pieces.append(" ".join(part))
+    passages: list[list[str]] = []
+    words = 0
+    for piece in pieces:
+        n = len(piece.split())
+        if passages and words < min_words and words + n <= max_words:
+            passages[-1].append(piece)
+            words += n
+        else:
+            passages.append([piece])
+            words = n
+    out = ["\n\n".join(p) for p in passages]
+    if len(out) > 1 and len(out[-1].split()) < min_words and len((out[-2] + " " + out[-1]).split()) <= max_words:
+        out[-2:] = [out[-2] + "\n\n" + out[-1]]
+    return out
+
+
+def build_manpages(
+    out_dir: Path | str | None = None,
+    max_queries: int = DEFAULT_MAX_QUERIES,
+    seed: int = 0,
+    min_words: int = 150,
+    max_words: int = 300,
+) -> Path:
+    """Linux man-pages (sections 2 and 3): a page's NAME one-liner -> the first passage of its description.
+
+    Long technical passages: the DESCRIPTION-onward prose of every page,
+    chunked into ``min_words``-``max_words`` words, never the NAME line. A
+    query is the one-liner after the dash ("create a child process"); pages
+    whose one-liner is short (under :data:`MANPAGE_MIN_QUERY_WORDS` words) or
+    shared with another page are not queries, but their passages stay in the
+    corpus as distractors. The whole domain is held out: no training stream
+    reads man pages.
+    """
+    entries = corpora.manpage_entries()
+    counts = Counter(e.extra["oneliner"].lower() for e in entries)
+    corpus: dict[str, dict] = {}
+    queries: dict[str, str] = {}
+    qrels: dict[str, dict[str, int]] = {}
+    candidates: list[tuple[str, str, str]] = []
+    for e in entries:
+        page = e.uid.split(":", 1)[1]  # "fork.2"
+        name, _, section = page.rpartition(".")
+        title = f"{name}({section})"
+        passages = chunk_paragraphs(e.text.split("\n\n"), min_words, max_words)
+        for i, text in enumerate(passages):
+            corpus[f"man-{page}-{i}"] = {"title": title, "text": text}
+        oneliner = e.extra["oneliner"]
+        if counts[oneliner.lower()] == 1 and len(re.findall(r"[A-Za-z]{2,}", oneliner)) >= MANPAGE_MIN_QUERY_WORDS:
+            candidates.append((f"manq-{page}", oneliner, f"man-{page}-0"))
+    random.Random(seed).shuffle(candidates)
+    for qid, text, doc_id in sorted(candidates[:max_queries]):
+        queries[qid] = text
+        qrels[qid] = {doc_id: 1}
+    meta = {
+        "name": "manpages",
+        "source": "Linux man-pages 6.03, sections 2 and 3 (Debian manpages-dev)",
+        "task": "a page's NAME one-liner -> the first passage of its DESCRIPTION (long technical passages)",
+        "passage_words": [min_words, max_words],
+        "queries": len(queries),
+        "corpus": len(corpus),
+        "seed": seed,
+    }
+    return write_beir(out_dir or beir_dir() / "manpages", corpus, queries, qrels, meta)
+
+
 BUILDERS = {
     "wordnet-revdict": build_wordnet_revdict,
     "foldoc": build_foldoc,
     "chatterbot": build_chatterbot,
+    "manpages": build_manpages,
 }
 
 

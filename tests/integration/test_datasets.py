@@ -19,6 +19,7 @@ def built(tmp_path_factory):
         "wordnet-revdict": datasets.build_wordnet_revdict(root / "wn", max_queries=200, max_corpus=3000),
         "foldoc": datasets.build_foldoc(root / "fd", max_queries=200),
         "chatterbot": datasets.build_chatterbot(root / "cb"),
+        "manpages": datasets.build_manpages(root / "man"),
     }
 
 
@@ -67,3 +68,23 @@ def test_load_beir_reads_a_hand_written_folder(tmp_path):
     assert corpus == {"d1": {"title": "T", "text": "x"}, "2": {"title": "", "text": "y"}}
     assert queries == {"q1": "a"}
     assert qrels == {"q1": {"d1": 2, "2": 0}}
+
+
+def test_manpages_set_is_long_passages_without_the_name_line(built):
+    """Passages are description prose of 150-300 words (a short page is one short passage); the query,
+    the NAME one-liner, is never a passage's text, and its relevant passage is the page's first."""
+    corpus, queries, qrels = datasets.load_beir(built["manpages"])
+    assert len(corpus) >= 2000 and len(queries) >= 300
+    words = [len(d["text"].split()) for d in corpus.values()]
+    assert max(words) <= 300 and sorted(words)[len(words) // 2] >= 150
+    assert len(set(queries.values())) == len(queries)
+    for qid, text in queries.items():
+        page = qid.removeprefix("manq-")
+        assert qrels[qid] == {f"man-{page}-0": 1}
+        assert f" - {text}" not in corpus[f"man-{page}-0"]["text"]
+
+
+def test_no_training_stream_reads_man_pages():
+    """The man pages are a held-out domain: not a training source, and no training text comes from them."""
+    assert "manpages" not in corpora.TRAINING_SOURCES
+    assert "manpages" not in corpora.PAIR_SOURCES + corpora.PASSAGE_SOURCES

@@ -148,3 +148,58 @@ def test_shipped_demo_corpus_is_well_formed():
 def test_unknown_source_is_refused(bad):
     with pytest.raises(ValueError, match="not a valid"):
         corpora.fetch_source(bad)
+
+
+_MANPAGE = r'''.\" a comment the parser skips
+.TH fork 2 2023-02-05 "Linux man-pages 6.03"
+.SH NAME
+fork, vfork \- create a child process
+.SH SYNOPSIS
+.nf
+.B pid_t fork(void);
+.fi
+.SH DESCRIPTION
+.BR fork ()
+creates a new process by duplicating the \fIcalling\fP process.
+The child\[aq]s memory
+.RB ( mmap (2))
+is a copy.
+.PP
+.EX
+int main(void) { return fork(); }
+.EE
+.IP \[bu] 3
+Locks are not inherited\-ever.
+.SH SEE ALSO
+.BR clone (2)
+'''
+
+
+def test_parse_manpage_gives_names_oneliner_and_prose_without_code():
+    """The NAME line splits at the dash; font macros join; code and SEE ALSO are not prose."""
+    from hybridrag.models.corpora import parse_manpage
+
+    names, oneliner, sections = parse_manpage(_MANPAGE)
+    assert names == ["fork", "vfork"] and oneliner == "create a child process"
+    body = dict(sections)
+    assert body["DESCRIPTION"] == [
+        "fork() creates a new process by duplicating the calling process. The child's memory (mmap(2)) is a copy.",
+        "Locks are not inherited-ever.",
+    ]
+    assert body["SYNOPSIS"] == [] and body["SEE ALSO"] == ["clone(2)"]
+
+
+def test_chunk_paragraphs_keeps_passages_within_bounds():
+    """Short paragraphs join up to the minimum; a long one is cut at sentence ends; every word is kept once.
+
+    A passage stays under the minimum only when the next piece would have pushed it past the maximum.
+    """
+    from hybridrag.agents.evaluation.datasets import chunk_paragraphs
+
+    short = ["one two three four five."] * 10  # 5 words each
+    long = " ".join(f"Sentence number {i} has six words." for i in range(30))  # 180 words
+    out = chunk_paragraphs(short + [long], min_words=20, max_words=60)
+    assert all(len(p.split()) <= 60 for p in out)
+    for a, b in zip(out, out[1:]):
+        assert len(a.split()) >= 20 or len(a.split()) + len(b.split("\n\n")[0].split()) > 60
+    assert sum(len(p.split()) for p in out) == 50 + 180
