@@ -432,6 +432,10 @@ def build_manpages(
     """
     entries = corpora.manpage_entries()
     counts = Counter(e.extra["oneliner"].lower() for e in entries)
+    # a one-liner that is also a training text elsewhere ("random number generator" is a FOLDOC headword)
+    # would test recall of training, not generalisation
+    seen_in_training = set(corpora.training_texts())
+    seen_in_training.update(x for pair in corpora.training_pairs() for x in pair)
     corpus: dict[str, dict] = {}
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = {}
@@ -444,6 +448,8 @@ def build_manpages(
         for i, text in enumerate(passages):
             corpus[f"man-{page}-{i}"] = {"title": title, "text": text}
         oneliner = e.extra["oneliner"]
+        if oneliner in seen_in_training:
+            continue
         if counts[oneliner.lower()] == 1 and len(re.findall(r"[A-Za-z]{2,}", oneliner)) >= MANPAGE_MIN_QUERY_WORDS:
             candidates.append((f"manq-{page}", oneliner, f"man-{page}-0"))
     random.Random(seed).shuffle(candidates)

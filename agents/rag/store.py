@@ -20,6 +20,15 @@ early row saw fewer neighbours than a late one, the whole collection is
 recomputed whenever it has grown by ``hubness_refresh_growth`` since the last
 time (a geometric schedule, so the total work stays a small multiple of one
 refresh), and before a re-index is swapped in.
+
+**Lexical index.** Beside the vector, every row stores ``lexical`` (its title
+and text, as encoded) with Milvus's BM25 function writing a sparse vector
+(``SPARSE_INVERTED_INDEX``, metric BM25; Robertson & Zaragoza 2009,
+https://doi.org/10.1561/1500000019), so a Milvus server ranks by BM25 with the
+same analyzer. With Milvus Lite the mirror also keeps an inverted index
+(:class:`LexicalIndex`) that scores as Milvus does (same tokens, Lucene idf,
+k1 and b; a test checks the rankings agree) in well under a millisecond,
+where Lite's own sparse search takes seconds on a 20k-row collection.
 """
 
 from __future__ import annotations
@@ -39,6 +48,91 @@ log = logging.getLogger(__name__)
 MAX_TEXT_BYTES = 65_535  # Milvus VARCHAR limit
 HUBNESS_MIN_ROWS = 64  # below this a collection is small enough to refresh its hubness on every write
 HUBNESS_WRITE_TOLERANCE = 0.005  # a refresh rewrites a row only if its hubness moved more (x beta 0.25: 0.001 of cosine)
+
+# The BM25 analyzer: Milvus's standard tokenizer (runs of letters, digits and "_") lower-cased, less English
+# stop words (bm25s's list plus the question words queries open with). Milvus Lite 3.2 has no stemmer.
+LEXICAL_STOPWORDS = (
+    "a an and are as at be but by for if in into is it no not of on or such that the their then there these "
+    "they this to was will with what which who whom how why when where does do did can"
+).split()
+LEXICAL_ANALYZER = {"tokenizer": "standard", "filter": ["lowercase", {"type": "stop", "stop_words": LEXICAL_STOPWORDS}]}
+BM25_K1, BM25_B = 1.5, 0.75  # Milvus's defaults, written into the index so a server and the mirror agree
+_LEXICAL_TOKEN = re.compile(r"\w+")
+_STOP = frozenset(LEXICAL_STOPWORDS)
+
+
+def lexical_tokens(text: str) -> list[str]:
+    """The analyzer's tokens of ``text``, as Milvus's BM25 function makes them."""
+    return [t for t in _LEXICAL_TOKEN.findall(text.lower()) if t not in _STOP]
+
+
+def bm25_idf(n_docs: int, df: np.ndarray) -> np.ndarray:
+    """Lucene's idf, ln(1 + (N - df + 0.5) / (df + 0.5)): always positive (what Milvus computes)."""
+    return np.log1p((n_docs - df + 0.5) / (df + 0.5))
+
+
+class LexicalIndex:
+    """An in-process inverted index over the mirror's rows, scored by BM25 as Milvus scores it.
+
+    Row numbers are the mirror's. The statistics (N, mean length, df) count the
+    rows a search may return (its tenant and synthetic filter), which is what
+    Milvus Lite computes them over.
+    """
+
+    def __init__(self):
+        self.postings: dict[str, dict[int, int]] = {}  # term -> {row: tf}
+        self.terms_of: dict[int, dict[str, int]] = {}  # row -> {term: tf}
+
+    def put(self, row: int, text: str) -> int:
+        """Index ``text`` as row ``row`` (replacing what it held); returns its length in tokens."""
+        self.remove(row)
+        counts: dict[str, int] = {}
+        for t in lexical_tokens(text):
+            counts[t] = counts.get(t, 0) + 1
+        for t, c in counts.items():
+            self.postings.setdefault(t, {})[row] = c
+        self.terms_of[row] = counts
+        return sum(counts.values())
+
+    def remove(self, row: int) -> None:
+        for t in self.terms_of.pop(row, ()):
+            post = self.postings[t]
+            del post[row]
+            if not post:
+                del self.postings[t]
+
+    def renumber(self, new_row: dict[int, int]) -> None:
+        """Follow a compaction of the mirror: row ``r`` is now ``new_row[r]``."""
+        old = self.terms_of
+        self.postings, self.terms_of = {}, {}
+        for r, counts in old.items():
+            for t, c in counts.items():
+                self.postings.setdefault(t, {})[new_row[r]] = c
+            self.terms_of[new_row[r]] = counts
+
+    def scores(self, query: str, mask: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """BM25 of ``query`` against the rows where ``mask`` holds (0 where no term matches, -inf elsewhere).
+
+        mask bool (N,), only rows that have a lexical text; length float (N,) tokens per row. float64 (N,).
+        """
+        out = np.zeros(len(mask), np.float64)
+        n_docs = int(mask.sum())
+        if n_docs:
+            avgdl = max(float(length[mask].sum()) / n_docs, 1e-9)
+            for term in lexical_tokens(query):  # a repeated query term counts each time, as Milvus's does
+                post = self.postings.get(term)
+                if not post:
+                    continue
+                rows = np.fromiter(post.keys(), np.int64, len(post))
+                rows = rows[mask[rows]]
+                if len(rows) == 0:
+                    continue
+                tf = np.fromiter((post[r] for r in rows), np.float64, len(rows))
+                idf = float(bm25_idf(n_docs, np.float64(len(rows))))
+                norm = BM25_K1 * (1 - BM25_B + BM25_B * length[rows] / avgdl)
+                out[rows] += idf * tf * (BM25_K1 + 1) / (tf + norm)
+        out[~mask] = -np.inf
+        return out
 
 
 @dataclass
@@ -112,6 +206,13 @@ def collection_name(base: str, encoder_version: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{base}__{encoder_version}")
 
 
+def lexical_text(title: str, text: str) -> str:
+    """What BM25 indexes for a chunk: what the encoder embeds (its title joins the text)."""
+    from hybridrag.agents.rag.chunking import embed_text
+
+    return embed_text(title, text)
+
+
 def _truncate_utf8(text: str, limit: int) -> str:
     raw = text.encode("utf-8")
     return text if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
@@ -141,25 +242,28 @@ class ExactMirror:
         self.synthetic = np.zeros(1024, dtype=bool)
         self.tenant = np.zeros(1024, dtype=np.int32)
         self.hubness = np.zeros(1024, dtype=np.float32)
+        self.lexlen = np.full(1024, -1.0, dtype=np.float32)  # tokens of the row's lexical text; -1: none
         self.meta: list[tuple] = []  # (id, doc_id, chunk, text, title, tenant, synthetic) per row
         self.row_of: dict[str, int] = {}
         self.rows_of_doc: dict[str, set[int]] = {}
         self.tenant_code: dict[str, int] = {}
         self.size = 0
+        self.lexical = LexicalIndex()
 
     def _grow(self, need: int) -> None:
         cap = len(self.alive)
         if need <= cap:
             return
         new = max(need, cap * 2)
-        for name in ("vectors", "alive", "synthetic", "tenant", "hubness"):
+        for name in ("vectors", "alive", "synthetic", "tenant", "hubness", "lexlen"):
             old = getattr(self, name)
             grown = np.zeros((new,) + old.shape[1:], dtype=old.dtype)
             grown[: self.size] = old[: self.size]
             setattr(self, name, grown)
 
     def put(self, id: str, vector, doc_id: str, chunk: int, text: str, title: str, tenant: str, synthetic: bool,
-            hubness: float = 0.0) -> None:
+            hubness: float = 0.0, lexical: str | None = None) -> None:
+        """Store one row; ``lexical`` is the text its BM25 scores (None: not lexically indexed)."""
         row = self.row_of.get(id)
         if row is None:
             self._grow(self.size + 1)
@@ -174,6 +278,11 @@ class ExactMirror:
         self.tenant[row] = self.tenant_code.setdefault(tenant, len(self.tenant_code))
         self.meta[row] = (id, doc_id, int(chunk), text, title, tenant, bool(synthetic))
         self.rows_of_doc.setdefault(doc_id, set()).add(row)
+        if lexical is not None:
+            self.lexlen[row] = self.lexical.put(row, lexical)
+        else:
+            self.lexical.remove(row)
+            self.lexlen[row] = -1.0
 
     def remove(self, id: str) -> bool:
         row = self.row_of.pop(id, None)
@@ -181,6 +290,8 @@ class ExactMirror:
             return False
         self.alive[row] = False
         self.vectors[row] = 0.0
+        self.lexical.remove(row)
+        self.lexlen[row] = -1.0
         doc_id = self.meta[row][1]
         rows = self.rows_of_doc.get(doc_id)
         if rows is not None:
@@ -199,7 +310,8 @@ class ExactMirror:
     def compact(self) -> None:
         """Move the live rows to the front, in their order, and renumber them; row numbers change."""
         keep = np.nonzero(self.alive[: self.size])[0]
-        for name in ("vectors", "alive", "synthetic", "tenant", "hubness"):
+        self.lexical.renumber({int(r): i for i, r in enumerate(keep)})
+        for name in ("vectors", "alive", "synthetic", "tenant", "hubness", "lexlen"):
             arr = getattr(self, name)
             moved = np.zeros((max(1024, 2 * len(keep)),) + arr.shape[1:], dtype=arr.dtype)
             moved[: len(keep)] = arr[keep]
@@ -229,31 +341,51 @@ class ExactMirror:
                 mask[r] = False
         return np.nonzero(mask)[0]
 
+    def _mask(self, tenant: str, include_synthetic: bool) -> np.ndarray:
+        n = self.size
+        mask = self.alive[:n] & (self.tenant[:n] == self.tenant_code[tenant])
+        if not include_synthetic:
+            mask &= ~self.synthetic[:n]
+        return mask
+
     def search(self, queries: np.ndarray, top_k: int, tenant: str, include_synthetic: bool,
                with_vectors: bool = False) -> list[list[Hit]]:
         n = self.size
         if n == 0 or tenant not in self.tenant_code:
             return [[] for _ in range(len(queries))]
         scores = np.asarray(queries, dtype=np.float32) @ self.vectors[:n].T  # (Q, N)
-        mask = self.alive[:n] & (self.tenant[:n] == self.tenant_code[tenant])
-        if not include_synthetic:
-            mask &= ~self.synthetic[:n]
+        mask = self._mask(tenant, include_synthetic)
         scores[:, ~mask] = -np.inf
-        k = min(top_k, int(mask.sum()))
-        if k == 0:
-            return [[] for _ in range(len(queries))]
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        return [self._top_hits(row, top_k, with_vectors) for row in scores]
+
+    def lexical_search(self, queries: Sequence[str], top_k: int, tenant: str, include_synthetic: bool,
+                       with_vectors: bool = False) -> list[list[Hit]]:
+        """BM25 top-k per query text, among the rows with a lexical text and at least one matching term."""
+        n = self.size
+        if n == 0 or tenant not in self.tenant_code:
+            return [[] for _ in queries]
+        mask = self._mask(tenant, include_synthetic) & (self.lexlen[:n] >= 0)
         out = []
-        for qi in range(len(queries)):
-            rows = top[qi][np.argsort(-scores[qi, top[qi]])]
-            hits = []
-            for r in rows:
-                id_, doc_id, chunk, text, title, ten, synth = self.meta[r]
-                hits.append(Hit(id=id_, doc_id=doc_id, chunk=chunk, text=text, score=float(scores[qi, r]),
-                                synthetic=synth, tenant=ten, title=title, hubness=float(self.hubness[r]),
-                                vector=self.vectors[r].copy() if with_vectors else None))
-            out.append(hits)
+        for q in queries:
+            scores = self.lexical.scores(q, mask, self.lexlen[:n])
+            scores[scores <= 0] = -np.inf
+            out.append(self._top_hits(scores, top_k, with_vectors))
         return out
+
+    def _top_hits(self, scores: np.ndarray, top_k: int, with_vectors: bool) -> list[Hit]:
+        """The ``top_k`` finite scores of one query (N,), best first, as hits."""
+        finite = int(np.isfinite(scores).sum())
+        k = min(top_k, finite)
+        if k == 0:
+            return []
+        top = np.argpartition(-scores, k - 1)[:k]
+        hits = []
+        for r in top[np.argsort(-scores[top], kind="stable")]:
+            id_, doc_id, chunk, text, title, ten, synth = self.meta[r]
+            hits.append(Hit(id=id_, doc_id=doc_id, chunk=chunk, text=text, score=float(scores[r]),
+                            synthetic=synth, tenant=ten, title=title, hubness=float(self.hubness[r]),
+                            vector=self.vectors[r].copy() if with_vectors else None))
+        return hits
 
 
 @dataclass(frozen=True)
@@ -369,12 +501,16 @@ class VectorStore:
             log.warning("collection %s stores no hubness; the adaptive retriever's hubness signal is off for it "
                         "until it is re-indexed (`hybridrag reindex`)", self.name)
         self.output_fields = self.OUTPUT_FIELDS + (["hubness"] if self.has_hubness else [])
+        self.has_lexical = "sparse" in {f["name"] for f in desc.get("fields", [])}
+        if not self.has_lexical:
+            log.warning("collection %s has no lexical (BM25) index; hybrid and lexical retrieval serve the dense "
+                        "search alone for it until it is re-indexed (`hybridrag reindex`)", self.name)
         props = desc.get("properties", {}) or {}
         self.hubness_rows = int(props.get("hybridrag.hubness_rows", 0))  # rows at the last full refresh
 
     def _load_mirror(self) -> None:
         assert self.mirror is not None
-        fields = ["id", "vector"] + self.output_fields
+        fields = ["id", "vector"] + self.output_fields + (["lexical"] if self.has_lexical else [])
         with self._lock:
             it = self.client.query_iterator(self.name, batch_size=2000, filter="", output_fields=fields)
             while True:
@@ -384,10 +520,11 @@ class VectorStore:
                     break
                 for r in batch:
                     self.mirror.put(r["id"], np.asarray(r["vector"], np.float32), r["doc_id"], r["chunk"], r["text"],
-                                    r["title"], r["tenant"], r["synthetic"], float(r.get("hubness") or 0.0))
+                                    r["title"], r["tenant"], r["synthetic"], float(r.get("hubness") or 0.0),
+                                    r.get("lexical"))
 
     def _ensure_collection(self) -> None:
-        from pymilvus import DataType, MilvusClient
+        from pymilvus import DataType, Function, FunctionType, MilvusClient
 
         with self._lock:
             if self.client.has_collection(self.name):
@@ -406,11 +543,18 @@ class VectorStore:
             schema.add_field("encoder_version", DataType.VARCHAR, max_length=128)
             schema.add_field("indexed_at", DataType.DOUBLE)
             schema.add_field("hubness", DataType.FLOAT)
+            schema.add_field("lexical", DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True,
+                             analyzer_params=LEXICAL_ANALYZER)
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(Function(name="bm25", function_type=FunctionType.BM25,
+                                         input_field_names=["lexical"], output_field_names=["sparse"]))
             index = self.client.prepare_index_params()
             # FLAT is exact and the only index Milvus Lite has; on a server, HNSW scales further
             index_type = "FLAT" if "://" not in self.uri else "HNSW"
             params = {} if index_type == "FLAT" else {"M": 16, "efConstruction": 200}
             index.add_index("vector", index_type=index_type, metric_type="IP", params=params)
+            index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25",
+                            params={"bm25_k1": BM25_K1, "bm25_b": BM25_B})
             self.client.create_collection(self.name, schema=schema, index_params=index)
             self.client.alter_collection_properties(self.name, properties={
                 "hybridrag.encoder": self.encoder_kind,
@@ -441,6 +585,7 @@ class VectorStore:
                 "encoder_version": self.encoder_version,
                 "indexed_at": now,
                 **({"hubness": float(h)} if self.has_hubness else {}),
+                **({"lexical": _truncate_utf8(lexical_text(r.title, r.text), MAX_TEXT_BYTES)} if self.has_lexical else {}),
             }
             for r, h in zip(rows, hubness)
         ]
@@ -450,7 +595,7 @@ class VectorStore:
                 with self._mirror_lock:
                     for r, d, h in zip(rows, data, hubness):
                         self.mirror.put(r.id, np.asarray(r.vector, np.float32), r.doc_id, r.chunk, d["text"],
-                                        d["title"], r.tenant, bool(r.synthetic), float(h))
+                                        d["title"], r.tenant, bool(r.synthetic), float(h), d.get("lexical"))
         if self.has_hubness and self.hubness_k > 0 and self.hubness_refresh_growth > 0 and self._refresh_due():
             self.refresh_hubness()
         return len(data)
@@ -671,6 +816,79 @@ class VectorStore:
                     for h in hits
                 ]
         return [o or [] for o in out]
+
+    def lexical_search(
+        self, texts: Sequence[str], top_k: int, *, tenant: str | Sequence[str] = "", include_synthetic: bool = True,
+        with_vectors: bool = False,
+    ) -> list[list[Hit]]:
+        """BM25 top-k per query text (``score`` is the BM25 score); [] for each when the collection has no
+        lexical index. The tenant and synthetic filters are the dense search's."""
+        n = len(texts)
+        if n == 0:
+            return []
+        if not self.has_lexical:
+            return [[] for _ in range(n)]
+        tenants = [tenant] * n if isinstance(tenant, str) else list(tenant)
+        out: list[list[Hit]] = [[] for _ in range(n)]
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(tenants):
+            groups.setdefault(t, []).append(i)
+        for t, rows in groups.items():
+            if self.mirror is not None:
+                with self._lock:
+                    res_hits = self.mirror.lexical_search([texts[i] for i in rows], top_k, t, include_synthetic,
+                                                          with_vectors)
+            else:
+                res_hits = self._server_lexical_search([texts[i] for i in rows], top_k, t, include_synthetic,
+                                                       with_vectors)
+            for i, hits in zip(rows, res_hits):
+                out[i] = hits
+        return out
+
+    def _server_lexical_search(self, texts: Sequence[str], top_k: int, tenant: str, include_synthetic: bool,
+                               with_vectors: bool) -> list[list[Hit]]:
+        expr = f'tenant == "{tenant}"' + ("" if include_synthetic else " and synthetic == false")
+        # a query with no indexed term has no sparse vector to search with: it matches nothing
+        live = [i for i, t in enumerate(texts) if lexical_tokens(t)]
+        out: list[list[Hit]] = [[] for _ in texts]
+        if not live:
+            return out
+        with self._lock:
+            res = self.client.search(self.name, data=[texts[i] for i in live], anns_field="sparse", limit=top_k,
+                                     filter=expr, search_params={"metric_type": "BM25"},
+                                     output_fields=self.output_fields + (["vector"] if with_vectors else []))
+        for i, hits in zip(live, res):
+            # Milvus Lite reports BM25 as a negative distance and a server as a positive one; the score is >= 0
+            out[i] = [Hit(id=h["id"], doc_id=h["entity"]["doc_id"], chunk=int(h["entity"]["chunk"]),
+                          text=h["entity"]["text"], score=abs(float(h["distance"])),
+                          synthetic=bool(h["entity"]["synthetic"]), tenant=h["entity"]["tenant"],
+                          title=h["entity"]["title"], hubness=float(h["entity"].get("hubness") or 0.0),
+                          vector=np.asarray(h["entity"]["vector"], np.float32) if with_vectors else None)
+                      for h in hits]
+        return out
+
+    def server_lexical_search(self, texts: Sequence[str], top_k: int, tenant: str = "",
+                              include_synthetic: bool = True) -> list[list[Hit]]:
+        """Milvus's own BM25 search, even where the mirror serves: what the mirror's ranking is checked against."""
+        return self._server_lexical_search(texts, top_k, tenant, include_synthetic, False)
+
+    # ------------------------------------------------------------------ fusion weight
+
+    FUSION_PROPS = ("hybridrag.fusion_weight", "hybridrag.fusion_check", "hybridrag.fusion_rows")
+
+    def fusion_state(self) -> tuple[float, float, int] | None:
+        """(weight, self-check nDCG@10, rows when chosen) from the collection's properties; None if never chosen."""
+        with self._lock:
+            props = self.client.describe_collection(self.name).get("properties", {}) or {}
+        if self.FUSION_PROPS[0] not in props:
+            return None
+        return (float(props[self.FUSION_PROPS[0]]), float(props.get(self.FUSION_PROPS[1], 0.0)),
+                int(props.get(self.FUSION_PROPS[2], 0)))
+
+    def set_fusion_state(self, weight: float, check: float, rows: int) -> None:
+        with self._lock:
+            self.client.alter_collection_properties(self.name, properties=dict(zip(
+                self.FUSION_PROPS, (repr(float(weight)), repr(float(check)), str(int(rows))))))
 
     def ids(self) -> list[str]:
         """Every row id, for a re-index snapshot."""

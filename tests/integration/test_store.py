@@ -118,3 +118,55 @@ def test_old_collections_go_once_no_alias_names_them(tmp_path):
     assert set(stores["v4"].client.list_collections()) == {names["v3"], names["v4"], other.name}
     for s in [*stores.values(), other]:
         s.close()
+
+
+def _demo_rows(rng, tenant_of=lambda i: "", synthetic_of=lambda i: False):
+    import json
+
+    from hybridrag.agents.evaluation.datasets import DEMO_DIR
+
+    docs = [json.loads(line) for line in (DEMO_DIR / "corpus.jsonl").read_text().splitlines() if line.strip()]
+    x = unit(rng, len(docs))
+    return docs, [Row(f"{d['_id']}#0", d["_id"], 0, d["text"], x[i], title=d["title"], tenant=tenant_of(i),
+                      synthetic=synthetic_of(i)) for i, d in enumerate(docs)]
+
+
+LEXICAL_QUERIES = ["What does a compiler do?", "reliable full-duplex transport protocol", "cache memory",
+                   "deadlock between processes", "hash table hash", "virtual memory paging disk", "recursion",
+                   "firewall network security", "the of and", "Unix kernel process scheduling time-sharing"]
+
+
+def test_mirror_bm25_ranks_as_milvus_bm25(tmp_path):
+    """The in-process lexical index returns Milvus's BM25 ranking and scores under tenant and synthetic filters;
+    after deletes and an upsert that changes a row's text, both drop the old rows and find the new text.
+
+    No hubness here: its refresh rewrites rows, and Milvus counts a rewritten row's old version in its BM25
+    statistics until it compacts (the mirror counts live rows only), which moves scores by a few percent.
+    """
+    rng = np.random.default_rng(1)
+    s = VectorStore(str(tmp_path / "lex.db"), "c", "v1", 16, hubness_k=0)
+    docs, rows = _demo_rows(rng, tenant_of=lambda i: "a" if i % 4 else "b", synthetic_of=lambda i: i % 7 == 0)
+    s.upsert(rows)
+    try:
+        for tenant, synth in (("a", False), ("a", True), ("b", True)):
+            mine = s.lexical_search(LEXICAL_QUERIES, 10, tenant=tenant, include_synthetic=synth)
+            theirs = s.server_lexical_search(LEXICAL_QUERIES, 10, tenant=tenant, include_synthetic=synth)
+            assert sum(len(h) for h in mine) > 20
+            for q, m, t in zip(LEXICAL_QUERIES, mine, theirs):
+                assert np.allclose([h.score for h in m], [h.score for h in t], rtol=1e-5), q
+                # the same order, up to the order of tied scores (Milvus breaks ties its own way)
+                score_of = {h.id: h.score for h in t}
+                for h in m:
+                    assert np.isclose(score_of.get(h.id, t[-1].score), h.score, rtol=1e-5), (q, h.id)
+                assert all(h.tenant == tenant and (synth or not h.synthetic) for h in m)
+        assert s.lexical_search(["the of and"], 5, tenant="a") == [[]]  # stop words only: nothing matches
+        gone = [r.id for r in rows if r.tenant == "a"][:2]
+        s.delete(gone)
+        new = rows[5]
+        s.upsert([Row(new.id, new.doc_id, 0, "Zorblax frobnicates the quux", new.vector, tenant=new.tenant)])
+        for hits in (s.lexical_search(["zorblax", "compiler deadlock cache"], 300, tenant="a"),
+                     s.server_lexical_search(["zorblax", "compiler deadlock cache"], 300, tenant="a")):
+            assert [h.id for h in hits[0]] == [new.id]
+            assert not set(gone) & {h.id for h in hits[1]}
+    finally:
+        s.close()
