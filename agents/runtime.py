@@ -108,7 +108,13 @@ class Runtime:
         from hybridrag.agents.rag.pipeline import IngestPipeline, QueryPipeline, TopKRetriever
 
         s = self.settings
-        if s.retriever == "adaptive":
+        tuner = None
+        if s.retriever in ("hybrid", "lexical"):
+            from hybridrag.agents.retention.adaptive_retriever import FusionConfig, FusionTuner, HybridRetriever
+
+            tuner = FusionTuner(store, encoder, FusionConfig.from_settings(s))
+            retriever = HybridRetriever(store, tuner)
+        elif s.retriever == "adaptive":
             from hybridrag.agents.retention.adaptive_retriever import AdaptiveConfig, AdaptiveRetriever
 
             retriever = AdaptiveRetriever(store, encoder, AdaptiveConfig.from_settings(s))
@@ -121,7 +127,7 @@ class Runtime:
             retriever = ExpandingRetriever(retriever, load_prior(encoder), ExpansionConfig(
                 k=s.expand_k, weight=s.expand_weight, steps=s.expand_steps, guidance=s.expand_guidance,
                 gate_threshold=s.expand_gate or None, seed=None))
-        ingest = IngestPipeline(encoder, store, s.chunk_size, s.chunk_overlap)
+        ingest = IngestPipeline(encoder, store, s.chunk_size, s.chunk_overlap, fusion_tuner=tuner)
         query = QueryPipeline(encoder, retriever, self.generator, s.top_k, s.max_top_k)
         return Serving(encoder, store, ingest, query, encoder_kind, checkpoint)
 

@@ -119,9 +119,18 @@ class Settings(BaseSettings):
         "extractive", "When the chat endpoint is down: extractive answers at once (generator: extractive-fallback), "
         "or wait: the batch stays unacked and is retried until the endpoint is back.")
 
-    retriever: Literal["topk", "adaptive"] = _f(
-        "topk", "Retriever: plain top-k, or adaptive (coarse top-50, fine re-score, per-query threshold)."
-    )
+    retriever: Literal["hybrid", "topk", "lexical", "adaptive"] = _f(
+        "hybrid", "Retriever: hybrid (dense and BM25 fused with the collection's chosen weight), topk (dense "
+        "only), lexical (BM25 only), or adaptive (coarse top-50, fine re-score, per-query threshold).")
+    retriever_fusion_weight: float = _f(
+        -1.0, "Hybrid: weight of BM25 in the blend; negative means the weight chosen for each collection from "
+        "its own pseudo-queries (no labels needed).", ge=-1, le=1)
+    retriever_fusion_depth: int = _f(50, "Hybrid: candidates taken from each of the dense and the BM25 search.", ge=1)
+    retriever_lexical_min_z: float = _f(
+        2.0, "Hybrid: a source below min_score is still cited when its BM25 stands this many std above the "
+        "query's other lexical candidates (a rare name the encoder blurs).")
+    retriever_fusion_rechoose_growth: float = _f(
+        2.0, "Hybrid: choose the fusion weight again when the collection has grown by this factor.", gt=1)
     retriever_coarse_k: int = _f(50, "Adaptive: candidates the coarse stage takes from the store.", ge=1)
     retriever_max_hits: int = _f(5, "Adaptive: most sources kept after the threshold.", ge=1)
     retriever_fine: Literal["hubness", "bm25", "dense"] = _f(

@@ -1,4 +1,4 @@
-"""The worker's web pages: ``/health`` (ready, encoder, collection, rows) and ``/metrics`` (Prometheus)."""
+"""The worker's web pages: ``/health`` (ready, encoder, collection, rows, retrieval) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,16 @@ async def health(web, request):
         "encoder_version": runtime.encoder.version if runtime.encoder else None,
         "collection": runtime.store.name if runtime.store else None,
         "rows": await runtime.run(runtime.store.count) if ready else None,
+        "retrieval": _retrieval() if ready else None,
     }
     return web.json(body, status=200 if ready else 503)
+
+
+def _retrieval() -> dict:
+    """The retriever serving queries and, for hybrid retrieval, the collection's fusion weight and self-check."""
+    retriever = runtime.serving.query.retriever
+    tuner = getattr(retriever, "tuner", None)
+    return {"retriever": type(retriever).__name__, **({"fusion": tuner.health()} if tuner is not None else {})}
 
 
 @app.page("/metrics")

@@ -5,7 +5,13 @@ nDCG@k with linear gain and a log2 discount, MRR@k, Recall@k and Precision@k,
 averaged over queries. A *system* turns a BEIR corpus into an index and
 queries into ranked document ids:
 
-- ``bm25``: lexical BM25 through ``bm25s`` (Lucene variant, English stopwords).
+- ``bm25``: lexical BM25 through the index the service searches (the store's
+  :class:`~hybridrag.agents.rag.store.LexicalIndex`, which ranks as Milvus's BM25
+  function does); ``bm25s``: the ``bm25s`` package, for reference.
+- ``dense``: the original encoder (all-MiniLM-L6-v2), exact cosine.
+- ``fused``: both, blended with the weight chosen for the corpus from its own
+  pseudo-queries (no labels); also reported: fixed weights, and the best fixed
+  weight in hindsight (``fused-oracle``, which reads the labels).
 - a dense system around any :class:`hybridrag.models.encoders.Encoder`: exact cosine top-k
   with NumPy; corpus embeddings are cached per (encoder version, corpus).
 - a dense system with a custom *retriever* (adaptive retrieval, diffusion
@@ -230,6 +236,87 @@ class BM25System:
         return ranked
 
 
+class LexicalSystem:
+    """BM25 through the service's own lexical index (what ``HYBRIDRAG_RETRIEVER=lexical`` serves)."""
+
+    def __init__(self, name: str = "bm25"):
+        self.name = name
+        self.timings: dict[str, float] = {}
+
+    def index(self, ds: Dataset) -> None:
+        from hybridrag.agents.rag.store import ExactMirror
+
+        t = time.perf_counter()
+        self.mirror = ExactMirror(1)
+        for doc_id, text in zip(ds.doc_ids, ds.doc_texts):
+            self.mirror.put(doc_id, 0.0, doc_id, 0, "", "", "", False, lexical=text)
+        self.timings = {"index_s": time.perf_counter() - t}
+
+    def search(self, query_texts: list[str], k: int) -> list[list[str]]:
+        t = time.perf_counter()
+        hits = self.mirror.lexical_search(query_texts, k, "", True)
+        self.timings["search_s"] = time.perf_counter() - t
+        return [[h.doc_id for h in hs] for hs in hits]
+
+
+FIXED_WEIGHTS_REPORTED = (0.1, 0.2, 0.3, 0.5)  # fixed-weight rows in the table; the oracle searches the whole grid
+
+
+@dataclass
+class FusedSystem:
+    """Dense (exact cosine) and lexical (the service's BM25) candidates, fused as the hybrid retriever fuses them.
+
+    The weight is chosen on the corpus alone (``choose_fusion_weight``: its own
+    pseudo-queries, no labels). Rankings at every weight of the grid are kept as
+    :attr:`variants`, so the harness can score fixed weights and the best in hindsight.
+    """
+
+    name: str
+    encoder: Encoder
+    depth: int = TOP_K  # candidates from each side (the harness reads up to 100)
+    batch_size: int = 64
+    cache: bool = True
+    progress: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+    choice: object = None
+    variants: dict[float, list[list[str]]] = field(default_factory=dict)
+
+    def index(self, ds: Dataset) -> None:
+        from hybridrag.agents.rag.store import ExactMirror
+        from hybridrag.agents.retention.adaptive_retriever import choose_fusion_weight
+
+        t = time.perf_counter()
+        vecs, cached = encode_corpus(self.encoder, ds, self.batch_size, self.cache, self.progress)
+        t_enc = time.perf_counter()
+        self.mirror = ExactMirror(vecs.shape[1])
+        for doc_id, text, v in zip(ds.doc_ids, ds.doc_texts, vecs):
+            self.mirror.put(doc_id, v, doc_id, 0, "", "", "", False, lexical=text)
+        self.choice = choose_fusion_weight(
+            ds.doc_texts, vecs, lambda texts: self.encoder.encode(texts, batch_size=self.batch_size))
+        self.timings = {"corpus_encode_s": t_enc - t, "corpus_cached": float(cached),
+                        "choose_weight_s": time.perf_counter() - t_enc,
+                        "weight": self.choice.weight if self.choice else float("nan"),
+                        "self_check": self.choice.check if self.choice else float("nan")}
+
+    def search(self, query_texts: list[str], k: int) -> list[list[str]]:
+        from hybridrag.agents.retention.adaptive_retriever import FUSION_GRID, union_scores, zscore
+
+        t = time.perf_counter()
+        qv = encode_texts(self.encoder, query_texts, self.batch_size, desc=f"{self.name} queries", progress=False)
+        dense_top = self.mirror.search(qv, self.depth, "", True)
+        lexical_top = self.mirror.lexical_search(query_texts, self.depth, "", True)
+        self.variants = {w: [] for w in FUSION_GRID}
+        for d, l, v in zip(dense_top, lexical_top, qv):
+            hits, dense_s, lex_s = union_scores(d, l, v, self.depth)
+            zd, zl = zscore(dense_s), zscore(lex_s)
+            for w in FUSION_GRID:
+                order = np.argsort(-((1.0 - w) * zd + w * zl), kind="stable")[:k]
+                self.variants[w].append([hits[i].doc_id for i in order])
+        self.timings["search_s"] = time.perf_counter() - t
+        chosen = self.choice.weight if self.choice else 0.0
+        return self.variants[min(FUSION_GRID, key=lambda w: abs(w - chosen))]
+
+
 def embeddings_cache_dir() -> Path:
     return corpora.data_dir() / "cache" / "embeddings"
 
@@ -388,7 +475,30 @@ def register_system(name: str) -> Callable[[SystemFactory], SystemFactory]:
 
 @register_system("bm25")
 def _bm25(opts: SystemOptions) -> System:
-    return BM25System()
+    return LexicalSystem()
+
+
+@register_system("bm25s")
+def _bm25s(opts: SystemOptions) -> System:
+    return BM25System("bm25s")
+
+
+@register_system("dense")
+def _dense(opts: SystemOptions) -> System:
+    from hybridrag.models.encoders import OriginalEncoder
+
+    return DenseSystem("dense", OriginalEncoder(device=opts.device), batch_size=opts.batch_size,
+                       cache=opts.cache, progress=opts.progress)
+
+
+@register_system("fused")
+def _fused(opts: SystemOptions) -> System:
+    """``hybridrag eval --systems bm25,dense,fused``: MiniLM and BM25 fused with the weight chosen without labels,
+    plus rows for fixed weights and the best fixed weight in hindsight."""
+    from hybridrag.models.encoders import OriginalEncoder
+
+    return FusedSystem("fused", OriginalEncoder(device=opts.device), batch_size=opts.batch_size,
+                       cache=opts.cache, progress=opts.progress)
 
 
 @register_system("random")
@@ -467,6 +577,22 @@ def evaluate_system(system: System, ds: Dataset, k: int = TOP_K) -> dict[str, fl
     return metrics
 
 
+def variant_rows(system: System, ds: Dataset) -> dict[str, dict[str, float]]:
+    """Rows for a system's fixed-weight rankings (``variants``, weight -> rankings of ``ds.queries`` in order):
+    the reported fixed weights, and ``<name>-oracle``, the best weight in hindsight (it reads the labels)."""
+    variants = getattr(system, "variants", None)
+    if not variants:
+        return {}
+    qids = list(ds.queries)
+    scored = {w: evaluate_run(dict(zip(qids, ranked)), ds.qrels) for w, ranked in variants.items()}
+    rows = {f"{system.name}-w{w:.2f}": m for w, m in scored.items()
+            if any(abs(w - f) < 1e-9 for f in FIXED_WEIGHTS_REPORTED)}
+    best = max(scored, key=lambda w: scored[w]["nDCG@10"])
+    rows[f"{system.name}-oracle"] = {**scored[best], "weight": float(best)}
+    rows[f"{system.name}-oracle"]["curve"] = {f"{w:.2f}": m["nDCG@10"] for w, m in scored.items()}
+    return rows
+
+
 def lee_correlation(encoder: Encoder) -> dict[str, float]:
     """Pearson and Spearman between encoder cosine and mean human ratings on the 50 Lee documents."""
     docs = corpora.lee_documents()
@@ -491,6 +617,7 @@ def run_evaluation(
         entry = {"queries": len(ds.queries), "corpus": len(ds.doc_ids), "systems": {}}
         for system in systems:
             entry["systems"][system.name] = evaluate_system(system, ds)
+            entry["systems"].update(variant_rows(system, ds))
         report["datasets"][ds.name] = entry
     if lee:
         for system in systems:

@@ -66,9 +66,11 @@ class IngestResult:
 
 
 class IngestPipeline:
-    def __init__(self, encoder: Encoder, store: VectorStore, chunk_size: int, chunk_overlap: int, batch_size: int = 64):
+    def __init__(self, encoder: Encoder, store: VectorStore, chunk_size: int, chunk_overlap: int, batch_size: int = 64,
+                 fusion_tuner=None):
         self.encoder = encoder
         self.store = store
+        self.fusion_tuner = fusion_tuner  # chooses the hybrid retriever's weight as the collection grows
         self.chunk_size = chunk_size
         self.chunk_overlap = chunk_overlap
         self.batch_size = batch_size
@@ -97,6 +99,8 @@ class IngestPipeline:
         ]
         self.store.upsert(rows)
         self.store.delete_stale_chunks(n_chunks)
+        if self.fusion_tuner is not None:
+            self.fusion_tuner.maybe_choose()
         t3 = time.perf_counter()
         return IngestResult(
             len(latest), len(rows), {"chunk": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3, "upsert": (t3 - t2) * 1e3},

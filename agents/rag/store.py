@@ -124,10 +124,11 @@ class LexicalIndex:
                 if not post:
                     continue
                 rows = np.fromiter(post.keys(), np.int64, len(post))
-                rows = rows[mask[rows]]
+                tf = np.fromiter(post.values(), np.float64, len(post))
+                keep = mask[rows]
+                rows, tf = rows[keep], tf[keep]
                 if len(rows) == 0:
                     continue
-                tf = np.fromiter((post[r] for r in rows), np.float64, len(rows))
                 idf = float(bm25_idf(n_docs, np.float64(len(rows))))
                 norm = BM25_K1 * (1 - BM25_B + BM25_B * length[rows] / avgdl)
                 out[rows] += idf * tf * (BM25_K1 + 1) / (tf + norm)
@@ -871,6 +872,23 @@ class VectorStore:
                               include_synthetic: bool = True) -> list[list[Hit]]:
         """Milvus's own BM25 search, even where the mirror serves: what the mirror's ranking is checked against."""
         return self._server_lexical_search(texts, top_k, tenant, include_synthetic, False)
+
+    def sample_rows(self, n: int, seed: int = 0) -> tuple[list[str], np.ndarray, list[str]]:
+        """Up to ``n`` real (not synthetic) rows: (lexical texts, vectors (n, d), doc ids); random with the
+        mirror, the first ``n`` a server returns otherwise. What the fusion weight is chosen from."""
+        if self.mirror is not None:
+            with self._lock:
+                m = self.mirror
+                live = np.nonzero(m.alive[: m.size] & ~m.synthetic[: m.size] & (m.lexlen[: m.size] >= 0))[0]
+                pick = np.random.default_rng(seed).permutation(live)[:n]
+                rows = [(lexical_text(m.meta[r][4], m.meta[r][3]), m.vectors[r].copy(), m.meta[r][1]) for r in pick]
+        else:
+            with self._lock:
+                got = self.client.query(self.name, filter="synthetic == false", limit=n,
+                                        output_fields=["lexical", "vector", "doc_id"])
+            rows = [(r["lexical"], np.asarray(r["vector"], np.float32), r["doc_id"]) for r in got]
+        vecs = np.stack([r[1] for r in rows]) if rows else np.zeros((0, self.dim), np.float32)
+        return [r[0] for r in rows], vecs, [r[2] for r in rows]
 
     # ------------------------------------------------------------------ fusion weight
 

@@ -130,6 +130,7 @@ class RankedHit(Hit):
 
     coarse_score: float = 0.0  # cosine from the store
     fine_score: float = 0.0  # the blended z-score the fine stage ranks by
+    lexical_score: float = 0.0  # BM25, when the hit comes from lexical + dense fusion
 
 
 # ------------------------------------------------------------------ text (pure)
@@ -579,3 +580,307 @@ def served_top_k_factory(top_k: int, min_score: float):
 
     return factory
 
+
+
+# ------------------------------------------------------------------ lexical + dense fusion
+
+FUSION_GRID = tuple(round(0.05 * i, 2) for i in range(21))  # the blend weights a collection chooses among
+
+
+def union_scores(dense: Sequence[Hit], lexical: Sequence[Hit], query_vec: np.ndarray | None, depth: int
+                 ) -> tuple[list[Hit], np.ndarray, np.ndarray]:
+    """One query's candidates from both lists, with a cosine and a BM25 score for each.
+
+    A lexical-only candidate's cosine comes from its stored vector when the hit
+    carries one, else it takes the lowest cosine of the dense list (it ranked
+    below all of them). A dense-only candidate's BM25 is 0 when the lexical list
+    is shorter than ``depth`` (every other row matched no term), else the lowest
+    BM25 of the list. Returns (hits, cosine (C,), bm25 (C,)), dense hits first.
+    """
+    by_id: dict[str, Hit] = {}
+    cos: dict[str, float] = {}
+    lex: dict[str, float] = {}
+    for h in dense:
+        by_id.setdefault(h.id, h)
+        cos[h.id] = h.score
+    for h in lexical:
+        by_id.setdefault(h.id, h)
+        lex[h.id] = h.score
+    floor_cos = min(cos.values()) if cos else 0.0
+    floor_lex = min(lex.values()) if len(lexical) >= depth else 0.0
+    hits = list(by_id.values())
+    dense_s = np.empty(len(hits), np.float64)
+    lex_s = np.empty(len(hits), np.float64)
+    for i, h in enumerate(hits):
+        if h.id in cos:
+            dense_s[i] = cos[h.id]
+        elif query_vec is not None and getattr(h, "vector", None) is not None:
+            dense_s[i] = float(np.dot(query_vec, h.vector))
+        else:
+            dense_s[i] = floor_cos
+        lex_s[i] = lex.get(h.id, floor_lex)
+    return hits, dense_s, lex_s
+
+
+def fuse(dense: Sequence[Hit], lexical: Sequence[Hit], weight: float, query_vec: np.ndarray | None = None,
+         depth: int = 50) -> list[RankedHit]:
+    """Rank one query's dense and lexical candidates by (1 - w) z(cosine) + w z(BM25), best first.
+
+    Per-query z-scores put a cosine and a BM25 score, whose scales differ by
+    corpus and by query, on one scale (a normalised linear blend beats rank
+    fusion when one side is weak; Bruch et al. 2023, https://arxiv.org/abs/2210.11934).
+    ``score`` stays the cosine; ``fine_score`` is the blend.
+    """
+    hits, dense_s, lex_s = union_scores(dense, lexical, query_vec, depth)
+    if not hits:
+        return []
+    fused = blend(dense_s, lex_s, weight)
+    order = np.argsort(-fused, kind="stable")
+    out = []
+    for i in order:
+        r = _ranked(hits[i], float(fused[i]))
+        r.score = r.coarse_score = float(dense_s[i])
+        r.lexical_score = float(lex_s[i])
+        out.append(r)
+    return out
+
+
+def pseudo_queries(texts: Sequence[str], n: int, seed: int = 0, min_words: int = 4) -> list[tuple[int, str, str]]:
+    """Label-free (passage index, query, what is left of the passage) triples that a corpus gives for free.
+
+    A passage of two or more sentences gives one of its sentences as the query
+    and the rest as the passage to find: the inverse cloze task (Lee et al.
+    2019, https://arxiv.org/abs/1906.00300). A one-sentence passage gives a
+    contiguous third of its words, and the other words are the passage
+    (cropping, Izacard et al. 2021, https://arxiv.org/abs/2112.09118). The query
+    never stays inside its passage, so BM25 cannot win by copying it.
+    """
+    from hybridrag.models.corpora import split_sentences
+
+    rng = np.random.default_rng(seed)
+    out: list[tuple[int, str, str]] = []
+    for i in rng.permutation(len(texts)):
+        if len(out) >= n:
+            break
+        sentences = split_sentences(texts[i])
+        usable = [j for j, s in enumerate(sentences) if len(s.split()) >= min_words]
+        if len(sentences) >= 2 and usable:
+            j = int(rng.choice(usable))
+            out.append((int(i), sentences[j], " ".join(sentences[:j] + sentences[j + 1:])))
+            continue
+        words = texts[i].split()
+        if len(words) >= 3 * min_words // 2 + 2:
+            span = max(2, len(words) // 3)
+            at = int(rng.integers(0, len(words) - span + 1))
+            out.append((int(i), " ".join(words[at:at + span]), " ".join(words[:at] + words[at + span:])))
+    return out
+
+
+def fusion_curve(dense_top: Sequence[Sequence[Hit]], lexical_top: Sequence[Sequence[Hit]],
+                 relevant: Sequence[str], grid: Sequence[float] = FUSION_GRID, depth: int = 50) -> np.ndarray:
+    """Mean nDCG@10 (one relevant id per query) of the fused ranking at every weight of ``grid``. (len(grid),)"""
+    out = np.zeros(len(grid), np.float64)
+    for d, l, rel in zip(dense_top, lexical_top, relevant):
+        hits, dense_s, lex_s = union_scores(d, l, None, depth)
+        target = [i for i, h in enumerate(hits) if h.id == rel]
+        if not target:
+            continue
+        zd, zl = zscore(dense_s), zscore(lex_s)
+        for gi, w in enumerate(grid):
+            fused = (1.0 - w) * zd + w * zl
+            rank = int(np.count_nonzero(fused > fused[target[0]]))  # ties go to the relevant one
+            if rank < 10:
+                out[gi] += 1.0 / math.log2(rank + 2)
+    return out / max(len(relevant), 1)
+
+
+def pick_weight(curve: np.ndarray, grid: Sequence[float] = FUSION_GRID) -> int:
+    """Index of the best weight on a 3-point moving average of the curve (a few hundred pseudo-queries are noisy)."""
+    c = np.asarray(curve, np.float64)
+    padded = np.concatenate([c[:1], c, c[-1:]])
+    smooth = (padded[:-2] + padded[1:-1] + padded[2:]) / 3
+    return int(np.argmax(smooth))
+
+
+@dataclass
+class FusionChoice:
+    weight: float
+    check: float  # the pseudo-queries' nDCG@10 at that weight: the self-check
+    curve: dict  # weight -> pseudo-query nDCG@10
+    queries: int
+    seconds: float
+
+
+def choose_fusion_weight(texts: Sequence[str], vectors: np.ndarray, encode, groups: Sequence[str] | None = None,
+                         n_queries: int = 200, n_distractors: int = 5000, depth: int = 50, seed: int = 0,
+                         grid: Sequence[float] = FUSION_GRID) -> FusionChoice | None:
+    """Choose the blend weight for a corpus without labels, from its own pseudo-queries.
+
+    The pseudo-queries' passages (re-encoded without their query) join up to
+    ``n_distractors`` other passages of the corpus (stored vectors), none from
+    the same document (``groups``: a chunk's neighbours share its text). Both
+    searches run over that corpus as serving runs them (exact cosine; the
+    store's BM25), and the weight with the best nDCG@10 wins. None when the
+    corpus gives too few pseudo-queries (under 20).
+    """
+    from hybridrag.agents.rag.store import ExactMirror
+
+    t0 = time.perf_counter()
+    triples = pseudo_queries(texts, n_queries, seed)
+    if len(triples) < 20:
+        return None
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(texts))]
+    taken = {groups[i] for i, _, _ in triples}
+    rng = np.random.default_rng(seed + 1)
+    others = [j for j in rng.permutation(len(texts)) if groups[j] not in taken][:n_distractors]
+    queries = [q for _, q, _ in triples]
+    enc = np.asarray(encode(queries + [p for _, _, p in triples]), np.float32)
+    q_vecs, p_vecs = enc[: len(triples)], enc[len(triples):]
+    index = ExactMirror(vectors.shape[1])
+    for k, (_, _, passage) in enumerate(triples):
+        index.put(f"p{k}", p_vecs[k], f"p{k}", 0, passage, "", "", False, lexical=passage)
+    for j in others:
+        index.put(f"d{j}", vectors[j], f"d{j}", 0, texts[j], "", "", False, lexical=texts[j])
+    dense_top = index.search(q_vecs, depth, "", True)
+    lexical_top = index.lexical_search(queries, depth, "", True)
+    curve = fusion_curve(dense_top, lexical_top, [f"p{k}" for k in range(len(triples))], grid, depth)
+    best = pick_weight(curve, grid)
+    return FusionChoice(float(grid[best]), float(curve[best]), {float(w): float(c) for w, c in zip(grid, curve)},
+                        len(triples), time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ serving: the hybrid retriever
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    depth: int = 50  # candidates taken from each of the dense and the lexical search
+    weight: float = -1.0  # the blend weight; < 0: the one chosen for the collection (default_weight until then)
+    default_weight: float = 0.2  # before a collection has chosen (the middle of the weights the eval sets choose)
+    min_score: float = 0.2  # a source is cited when its cosine reaches this ...
+    lexical_min_z: float = 2.0  # ... or its BM25 stands this many std above the query's lexical candidates
+    rechoose_growth: float = 2.0  # choose again when the collection has grown by this factor
+    min_rows: int = 50  # fewer rows give too few pseudo-queries to choose from
+    pseudo_queries: int = 200  # pseudo-queries per choice
+
+    @classmethod
+    def from_settings(cls, s: Any) -> "FusionConfig":
+        d = cls()
+        weight = getattr(s, "retriever_fusion_weight", d.weight)
+        if getattr(s, "retriever", "") == "lexical":
+            weight = 1.0
+        return cls(depth=getattr(s, "retriever_fusion_depth", d.depth), weight=weight,
+                   min_score=getattr(s, "min_score", d.min_score),
+                   lexical_min_z=getattr(s, "retriever_lexical_min_z", d.lexical_min_z),
+                   rechoose_growth=getattr(s, "retriever_fusion_rechoose_growth", d.rechoose_growth))
+
+
+class FusionTuner:
+    """Owns a collection's blend weight: chosen from the corpus's pseudo-queries, kept in its properties.
+
+    :meth:`maybe_choose` (called after each ingest batch) chooses it once the
+    collection holds ``min_rows`` rows and again each time it has grown by
+    ``rechoose_growth``. The weight, its self-check nDCG@10 and the row count go
+    into the collection's properties (so a restarted or second worker reads the
+    same), ``/health`` and the ``hybridrag_fusion_weight`` metric.
+    """
+
+    def __init__(self, store: Any, encoder: Any, config: FusionConfig | None = None):
+        self.store = store
+        self.encoder = encoder
+        self.config = config or FusionConfig()
+        state = store.fusion_state() if hasattr(store, "fusion_state") else None
+        self.weight, self.check, self.rows = state if state else (self.config.default_weight, float("nan"), 0)
+        self._lock = threading.Lock()
+        self._report()
+
+    def due(self) -> bool:
+        n = self.store.count()
+        return n >= self.config.min_rows and (self.rows == 0 or n >= self.config.rechoose_growth * self.rows)
+
+    def maybe_choose(self) -> FusionChoice | None:
+        if self.config.weight >= 0 or not getattr(self.store, "has_lexical", False) or not self.due():
+            return None
+        with self._lock:
+            if not self.due():
+                return None
+            n = self.store.count()
+            texts, vectors, groups = self.store.sample_rows(max(self.config.pseudo_queries * 25, 5000))
+            choice = choose_fusion_weight(texts, vectors, self.encoder.encode, groups,
+                                          n_queries=self.config.pseudo_queries, depth=self.config.depth)
+            if choice is None:
+                return None
+            self.weight, self.check, self.rows = choice.weight, choice.check, n
+            self.store.set_fusion_state(choice.weight, choice.check, n)
+            self._report()
+        import logging
+
+        logging.getLogger(__name__).info(
+            "fusion weight of %s: %.2f (self-check nDCG@10 %.3f on %d pseudo-queries, %d rows, %.1fs)",
+            getattr(self.store, "name", "?"), choice.weight, choice.check, choice.queries, n, choice.seconds)
+        return choice
+
+    def current(self) -> float:
+        return self.config.weight if self.config.weight >= 0 else self.weight
+
+    def _report(self) -> None:
+        from hybridrag.agents.kafka import metrics
+
+        metrics.FUSION_WEIGHT.set(self.current())
+        if self.check == self.check:  # not NaN
+            metrics.FUSION_CHECK.set(self.check)
+
+    def health(self) -> dict:
+        return {"weight": self.current(), "chosen": self.config.weight < 0 and self.rows > 0,
+                "self_check_ndcg10": None if self.check != self.check else round(self.check, 4),
+                "rows_when_chosen": self.rows}
+
+
+class HybridRetriever:
+    """Dense and lexical search over the same collection, fused per query (the query pipeline's Retriever).
+
+    One dense and one lexical store call per distinct (tenant, synthetic) filter
+    of a batch; the tuner's weight blends them (:func:`fuse`). A collection
+    without a lexical index serves the dense ranking alone.
+    """
+
+    def __init__(self, store: Any, tuner: FusionTuner, config: FusionConfig | None = None):
+        self.store = store
+        self.tuner = tuner
+        self.config = config or tuner.config
+
+    def retrieve(self, texts, vectors, top_k, tenants, include_synthetic):
+        t0 = time.perf_counter()
+        cfg = self.config
+        n = len(texts)
+        dense: list[list[Hit]] = [[] for _ in range(n)]
+        lexical: list[list[Hit]] = [[] for _ in range(n)]
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for i, key in enumerate(zip(tenants, include_synthetic)):
+            groups.setdefault(key, []).append(i)
+        for (tenant, synth), idx in groups.items():
+            vecs = np.asarray(vectors)[idx]
+            for i, hs in zip(idx, self.store.search(vecs, cfg.depth, tenant=tenant, include_synthetic=synth)):
+                dense[i] = hs
+            lex = self.store.lexical_search([texts[i] for i in idx], cfg.depth, tenant=tenant,
+                                            include_synthetic=synth, with_vectors=True)
+            for i, hs in zip(idx, lex):
+                lexical[i] = hs
+        t1 = time.perf_counter()
+        weight = self.tuner.current()
+        out = []
+        for i in range(n):
+            ranked = fuse(dense[i], lexical[i], weight, np.asarray(vectors[i]), cfg.depth)
+            out.append([h for h in ranked if self._citable(h, lexical[i])][: top_k[i]])
+        return out, {"search": (t1 - t0) * 1e3, "fine": (time.perf_counter() - t1) * 1e3}
+
+    def _citable(self, h: RankedHit, lexical: Sequence[Hit]) -> bool:
+        """Close enough by cosine, or a lexical match that stands out of the query's lexical candidates."""
+        if h.score >= self.config.min_score:
+            return True
+        if self.tuner.current() <= 0 or not lexical or h.lexical_score <= 0:
+            return False
+        lex = np.array([x.score for x in lexical], np.float64)
+        if len(lex) == 1:
+            return True  # the only row that shares a term with the query
+        return (h.lexical_score - lex.mean()) / max(lex.std(), 1e-6) >= self.config.lexical_min_z

@@ -281,3 +281,66 @@ def test_served_queries_demote_a_passage_that_sits_near_all_of_them():
     r2.retrieve(["q"], q[None], [5], [""], [True])
     assert r2.bank.count("") == 1
     assert AdaptiveRetriever(store, config=AdaptiveConfig(fine="dense")).uses_bank is False
+
+
+def _hit(id_, score, vector=None):
+    from hybridrag.agents.rag.store import Hit
+
+    return Hit(id=id_, doc_id=id_, chunk=0, text=id_, score=score, vector=vector)
+
+
+def test_fuse_ranks_a_lexical_only_match_with_its_own_cosine():
+    """A row only BM25 found gets its cosine from its stored vector; with weight on BM25 it can lead."""
+    from hybridrag.agents.retention.adaptive_retriever import fuse
+
+    q = np.array([1.0, 0.0], np.float32)
+    dense = [_hit("a", 0.9), _hit("b", 0.8), _hit("c", 0.7)]
+    lexical = [_hit("rare", 12.0, vector=np.array([0.5, 0.5], np.float32)), _hit("b", 2.0)]
+    only_dense = fuse(dense, lexical, 0.0, q, depth=10)
+    assert [h.id for h in only_dense][:3] == ["a", "b", "c"]
+    mixed = fuse(dense, lexical, 0.8, q, depth=10)
+    assert mixed[0].id == "rare" and mixed[0].score == pytest.approx(0.5) and mixed[0].lexical_score == 12.0
+    # a dense-only row scores BM25 0 when the lexical list is shorter than the depth (nothing else matched)
+    assert {h.id: h.lexical_score for h in mixed}["a"] == 0.0
+
+
+def test_pseudo_queries_never_leave_the_query_inside_its_passage():
+    """ICT for passages of several sentences, cropping for one-sentence passages; the query is cut out."""
+    from hybridrag.agents.retention.adaptive_retriever import pseudo_queries
+
+    texts = ["The kernel schedules processes. A child process is a copy of its parent. Signals interrupt it.",
+             "hash table with open addressing and linear probing for collisions"]
+    triples = pseudo_queries(texts, 10, seed=3)
+    assert {i for i, _, _ in triples} == {0, 1}
+    for i, q, rest in triples:
+        assert q not in rest and len(q.split()) >= 2
+        assert sorted((q + " " + rest).split()) == sorted(texts[i].split())
+
+
+def test_pick_weight_prefers_a_plateau_over_a_lone_spike():
+    from hybridrag.agents.retention.adaptive_retriever import pick_weight
+
+    curve = np.array([0.50, 0.60, 0.62, 0.61, 0.40, 0.65, 0.40])
+    assert pick_weight(curve, tuple(range(7))) == 2
+
+
+def test_choose_fusion_weight_leans_on_bm25_when_the_encoder_knows_nothing():
+    """With vectors that carry no meaning, only BM25 finds a pseudo-query's passage: the weight goes up."""
+    from hybridrag.agents.retention.adaptive_retriever import choose_fusion_weight
+
+    rng = np.random.default_rng(0)
+    vocab = [f"term{i}" for i in range(2000)]
+    common = [f"filler{i}" for i in range(20)]
+    texts = []
+    for _ in range(300):  # each passage has topic words its sentences share, as real passages do
+        topic = rng.choice(vocab, 5)
+        sentences = [" ".join([*rng.choice(topic, 3), *rng.choice(common, 3)]).capitalize() for _ in range(3)]
+        texts.append(". ".join(sentences) + ".")
+
+    def noise(batch):
+        v = rng.standard_normal((len(batch), 16)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    choice = choose_fusion_weight(texts, noise(texts), noise, n_queries=100)
+    assert choice is not None and choice.queries == 100
+    assert choice.weight >= 0.5 and choice.curve[choice.weight] > choice.curve[0.0] + 0.2
