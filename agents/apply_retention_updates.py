@@ -35,8 +35,10 @@ async def rebuild_for(rt: Runtime, update: RetentionUpdate) -> None:
     """Re-encode the corpus for a promoted encoder into its own collection, then swap."""
     old = rt.encoder.version
     if update.encoder_version == old:
-        log.info("encoder %s already serves; nothing to re-index", old)
-        return
+        if rt.store.has_lexical:
+            log.info("encoder %s already serves; nothing to re-index", old)
+            return
+        log.info("encoder %s serves %s, which has no lexical index: rebuilding it", old, rt.store.name)
     kind = "hybrid" if update.checkpoint else "original"
     rebuild, target = await rt.run(rt.start_reindex, kind, update.checkpoint, update.encoder_version, lane="ingest")
     log.info("re-indexing %d rows: %s -> %s", rebuild.total, old, update.encoder_version)

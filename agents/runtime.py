@@ -87,7 +87,8 @@ class Runtime:
             raise
         return self
 
-    def load_serving(self, encoder_kind: str, checkpoint: str, expect_version: str | None = None) -> Serving:
+    def load_serving(self, encoder_kind: str, checkpoint: str, expect_version: str | None = None,
+                     generation: str = "") -> Serving:
         """Load an encoder and open (or create) the collection of its version."""
         from hybridrag.models.encoders import load_encoder
         from hybridrag.agents.rag.store import VectorStore
@@ -101,7 +102,8 @@ class Runtime:
                              f"not {expect_version}")
         store = VectorStore(s.milvus_uri, s.collection, encoder.version, encoder.dim,
                             s.milvus_token.get_secret_value(), encoder=encoder_kind, checkpoint=checkpoint,
-                            hubness_k=s.hubness_k, hubness_refresh_growth=s.hubness_refresh_growth)
+                            hubness_k=s.hubness_k, hubness_refresh_growth=s.hubness_refresh_growth,
+                            generation=generation)
         return self.make_serving(encoder, store, encoder_kind, checkpoint)
 
     def make_serving(self, encoder, store, encoder_kind: str, checkpoint: str) -> Serving:
@@ -249,7 +251,11 @@ class Runtime:
 
         target = self.load_serving(encoder_kind, checkpoint, expect_version=version)
         if target.store.name == self.serving.store.name:
-            raise ValueError(f"{version} already serves from {target.store.name}")
+            if self.serving.store.has_lexical:
+                raise ValueError(f"{version} already serves from {target.store.name}")
+            # the same encoder over a collection older than the lexical index: rebuild it beside itself
+            target = self.load_serving(encoder_kind, checkpoint, expect_version=version,
+                                       generation=f"g{int(time.time())}")
         # what an interrupted earlier attempt wrote is not to be trusted: start empty
         target.store.recreate()
         with self.swap_lock:

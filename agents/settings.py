@@ -130,7 +130,7 @@ class Settings(BaseSettings):
         2.0, "Hybrid: a source below min_score is still cited when its BM25 stands this many std above the "
         "query's other lexical candidates (a rare name the encoder blurs).")
     retriever_fusion_rechoose_growth: float = _f(
-        2.0, "Hybrid: choose the fusion weight again when the collection has grown by this factor.", gt=1)
+        4.0, "Hybrid: choose the fusion weight again when the collection has grown by this factor.", gt=1)
     retriever_coarse_k: int = _f(50, "Adaptive: candidates the coarse stage takes from the store.", ge=1)
     retriever_max_hits: int = _f(5, "Adaptive: most sources kept after the threshold.", ge=1)
     retriever_fine: Literal["hubness", "bm25", "dense"] = _f(

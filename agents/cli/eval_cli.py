@@ -18,7 +18,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Offline corpora and BEIR evaluation sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-DEFAULT_DATASETS = ["wordnet-revdict", "foldoc", "chatterbot"]
+DEFAULT_DATASETS = ["wordnet-revdict", "foldoc", "chatterbot", "manpages"]
 
 
 @data_app.command("fetch")
@@ -61,8 +61,9 @@ def eval_cmd(
     dataset: List[str] = typer.Option(
         DEFAULT_DATASETS, "--dataset", "-d", help="A built set's name (built on first use) or a BEIR folder."
     ),
-    systems: str = typer.Option("bm25,original", help="Comma-separated systems: bm25, original, hybrid-fp32, "
-                                "hybrid-int8, random, and any registered later."),
+    systems: str = typer.Option("bm25,original", help="Comma-separated systems: bm25 (the service's BM25 index), "
+                                "bm25s, dense (MiniLM), fused (both, weight chosen without labels; adds fixed-weight "
+                                "and oracle rows), original, hybrid-fp32, hybrid-int8, random, and any registered later."),
     checkpoint: Optional[str] = typer.Option(None, help="Hybrid encoder checkpoint (default: the shipped one)."),
     device: str = typer.Option("cpu", help="Torch device for the encoders."),
     batch_size: int = typer.Option(64, help="Encoder batch size."),

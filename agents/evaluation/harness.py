@@ -611,7 +611,10 @@ def run_evaluation(
     out_path: Path | str | None = None,
 ) -> dict:
     """Evaluate every system on every dataset; write and return the JSON report."""
-    report: dict = {"datasets": {}, "lee": {}, "meta": {"max_queries": max_queries, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}}
+    import os
+
+    report: dict = {"datasets": {}, "lee": {}, "meta": {"max_queries": max_queries, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                         "load_average_at_start": list(os.getloadavg())}}
     for name in dataset_names:
         ds = Dataset.load(name, max_queries=max_queries)
         entry = {"queries": len(ds.queries), "corpus": len(ds.doc_ids), "systems": {}}
@@ -624,6 +627,7 @@ def run_evaluation(
             encoder = getattr(system, "encoder", None)
             if encoder is not None:
                 report["lee"][system.name] = lee_correlation(encoder)
+    report["meta"]["load_average_at_end"] = list(os.getloadavg())
     if out_path is not None:
         out = Path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -636,14 +640,15 @@ METRIC_COLUMNS = ("nDCG@10", "MRR@10", "R@10", "R@50", "R@100", "P@5")
 
 def format_table(report: dict, baseline: str = "original") -> str:
     """Plain-text table of a report; ``vs base`` is nDCG@10 relative to ``baseline``."""
-    head = ["dataset", "system", *METRIC_COLUMNS, "vs " + baseline]
+    head = ["dataset", "system", *METRIC_COLUMNS, "vs " + baseline, "weight"]
     rows = [head]
     for ds_name, entry in report["datasets"].items():
         base = entry["systems"].get(baseline, {}).get("nDCG@10")
         for sys_name, m in entry["systems"].items():
             ratio = f"{m['nDCG@10'] / base:.3f}" if base else "-"
+            weight = f"{m['weight']:.2f}" if m.get("weight") == m.get("weight") and "weight" in m else ""
             rows.append([f"{ds_name} ({entry['queries']}q/{entry['corpus']}d)", sys_name,
-                         *(f"{m[c]:.4f}" for c in METRIC_COLUMNS), ratio])
+                         *(f"{m[c]:.4f}" for c in METRIC_COLUMNS), ratio, weight])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -471,14 +471,16 @@ class VectorStore:
     OUTPUT_FIELDS = ["doc_id", "chunk", "text", "title", "tenant", "synthetic"]
 
     def __init__(self, uri: str, base: str, encoder_version: str, dim: int, token: str = "", *,
-                 encoder: str = "", checkpoint: str = "", hubness_k: int = 20, hubness_refresh_growth: float = 1.5):
+                 encoder: str = "", checkpoint: str = "", hubness_k: int = 20, hubness_refresh_growth: float = 1.5,
+                 generation: str = ""):
         self.uri = uri
         self.base = base
         self.dim = dim
         self.encoder_version = encoder_version
         self.encoder_kind = encoder
         self.checkpoint = checkpoint
-        self.name = collection_name(base, encoder_version)
+        # a generation names a second collection for the same encoder: a rebuild into today's schema
+        self.name = collection_name(base, encoder_version) + (f"__{generation}" if generation else "")
         self.client = milvus_client(uri, token)
         # MilvusClient is not documented thread-safe; the agents call it from executors
         self._lock = threading.Lock()

@@ -759,8 +759,8 @@ class FusionConfig:
     default_weight: float = 0.2  # before a collection has chosen (the middle of the weights the eval sets choose)
     min_score: float = 0.2  # a source is cited when its cosine reaches this ...
     lexical_min_z: float = 2.0  # ... or its BM25 stands this many std above the query's lexical candidates
-    rechoose_growth: float = 2.0  # choose again when the collection has grown by this factor
-    min_rows: int = 50  # fewer rows give too few pseudo-queries to choose from
+    rechoose_growth: float = 4.0  # choose again when the collection has grown by this factor
+    min_rows: int = 200  # fewer rows give too few distractors to choose against
     pseudo_queries: int = 200  # pseudo-queries per choice
 
     @classmethod
@@ -778,9 +778,10 @@ class FusionConfig:
 class FusionTuner:
     """Owns a collection's blend weight: chosen from the corpus's pseudo-queries, kept in its properties.
 
-    :meth:`maybe_choose` (called after each ingest batch) chooses it once the
-    collection holds ``min_rows`` rows and again each time it has grown by
-    ``rechoose_growth``. The weight, its self-check nDCG@10 and the row count go
+    :meth:`maybe_choose` (called after each ingest batch) chooses it, in a
+    background thread so that ingest goes on, once the collection holds
+    ``min_rows`` rows and again each time it has grown by ``rechoose_growth``
+    (a geometric schedule: a handful of choices over a collection's life). The weight, its self-check nDCG@10 and the row count go
     into the collection's properties (so a restarted or second worker reads the
     same), ``/health`` and the ``hybridrag_fusion_weight`` metric.
     """
@@ -792,15 +793,33 @@ class FusionTuner:
         state = store.fusion_state() if hasattr(store, "fusion_state") else None
         self.weight, self.check, self.rows = state if state else (self.config.default_weight, float("nan"), 0)
         self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
         self._report()
 
     def due(self) -> bool:
         n = self.store.count()
         return n >= self.config.min_rows and (self.rows == 0 or n >= self.config.rechoose_growth * self.rows)
 
-    def maybe_choose(self) -> FusionChoice | None:
+    def maybe_choose(self, wait: bool = False) -> FusionChoice | None:
+        """Start a choice when one is due; ``wait`` runs it here and returns it."""
         if self.config.weight >= 0 or not getattr(self.store, "has_lexical", False) or not self.due():
             return None
+        if wait:
+            return self.choose()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._choose_logged, name="fusion-weight", daemon=True)
+            self._thread.start()
+        return None
+
+    def _choose_logged(self) -> None:
+        try:
+            self.choose()
+        except Exception:  # a failed choice keeps the current weight; the next ingest batch tries again
+            import logging
+
+            logging.getLogger(__name__).exception("choosing the fusion weight failed; keeping %.2f", self.weight)
+
+    def choose(self) -> FusionChoice | None:
         with self._lock:
             if not self.due():
                 return None

@@ -115,3 +115,19 @@ def test_cli_runs_bm25_on_a_beir_folder(slice_path, tmp_path):
     assert 0 < report["datasets"]["wn"]["systems"]["bm25"]["nDCG@10"] < 1
     bad = CliRunner().invoke(app, ["eval", "-d", str(slice_path), "--systems", "nope", "--out", str(out)])
     assert bad.exit_code != 0 and "not a valid system" in bad.output
+
+
+def test_fused_system_reports_its_weight_fixed_weights_and_the_oracle(slice_path, encoder, cache_dir, tmp_path):
+    """``fused`` chooses a weight from the corpus alone and adds rows for fixed weights and the best in
+    hindsight; at weight 0 the fused ranking is the dense ranking."""
+    systems = [harness.DenseSystem("dense", encoder, progress=False), harness.LexicalSystem(),
+               harness.FusedSystem("fused", encoder, progress=False)]
+    report = harness.run_evaluation([str(slice_path)], systems, lee=False, out_path=tmp_path / "eval.json")
+    (entry,) = report["datasets"].values()
+    got = entry["systems"]
+    assert {"fused", "fused-oracle", "fused-w0.10", "fused-w0.20", "fused-w0.30", "fused-w0.50"} <= set(got)
+    assert 0.0 <= got["fused"]["weight"] <= 1.0 and 0 < got["fused"]["self_check"] <= 1
+    curve = got["fused-oracle"]["curve"]
+    assert curve["0.00"] == pytest.approx(got["dense"]["nDCG@10"], abs=1e-9)
+    assert got["fused-oracle"]["nDCG@10"] == max(curve.values()) >= got["fused"]["nDCG@10"]
+    assert "fused-oracle" in harness.format_table(report, baseline="dense")

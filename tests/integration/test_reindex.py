@@ -94,3 +94,59 @@ def test_promotion_swaps_the_alias_while_queries_flow(make_settings, make_worker
     worker.stop()
     worker.start()
     assert worker.health()["encoder_version"] == hybrid.version
+
+
+def _legacy_collection(uri: str, name: str, dim: int, texts: list[str], vectors: np.ndarray) -> None:
+    """A collection as stores made them before the lexical index: vectors and text, no BM25 function."""
+    from pymilvus import DataType, MilvusClient
+
+    c = MilvusClient(uri)
+    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=300)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    for field, kw in (("doc_id", {"max_length": 256}), ("text", {"max_length": 65535}), ("title", {"max_length": 1024}),
+                      ("tenant", {"max_length": 64}), ("encoder_version", {"max_length": 128})):
+        schema.add_field(field, DataType.VARCHAR, **kw)
+    schema.add_field("chunk", DataType.INT64)
+    schema.add_field("synthetic", DataType.BOOL)
+    schema.add_field("indexed_at", DataType.DOUBLE)
+    schema.add_field("hubness", DataType.FLOAT)
+    index = c.prepare_index_params()
+    index.add_index("vector", index_type="FLAT", metric_type="IP")
+    c.create_collection(name, schema=schema, index_params=index)
+    c.alter_collection_properties(name, properties={"hybridrag.encoder": "original",
+                                                    "hybridrag.encoder_version": "minilm-l6-v2",
+                                                    "hybridrag.dim": str(dim)})
+    c.insert(name, [{"id": f"d{i}#0", "vector": v.tolist(), "doc_id": f"d{i}", "text": t, "title": "", "tenant": "",
+                     "encoder_version": "minilm-l6-v2", "chunk": 0, "synthetic": False, "indexed_at": 0.0,
+                     "hubness": 0.0} for i, (t, v) in enumerate(zip(texts, vectors))])
+    c.close()
+
+
+def test_a_collection_without_the_lexical_index_is_rebuilt_beside_itself(tmp_path, caplog):
+    """A collection from before the lexical index serves dense search only and says so in the log; the
+    re-index for the same encoder builds a second collection (a new generation) with the BM25 index, and
+    after the alias swap a BM25 search finds a row by a word only it holds."""
+    from hybridrag.agents.rag.reindex import Reindex
+    from hybridrag.agents.rag.store import VectorStore, collection_name, resolve_serving
+
+    uri = str(tmp_path / "old.db")
+    enc = load_encoder("original")
+    texts = [f"Passage {i} is about nothing in particular." for i in range(30)] + ["The quuxolator calibrates lenses."]
+    _legacy_collection(uri, collection_name("c", enc.version), enc.dim, texts, enc.encode(texts))
+    with caplog.at_level("WARNING"):
+        old = VectorStore(uri, "c", enc.version, enc.dim)
+    assert not old.has_lexical and "no lexical (BM25) index" in caplog.text and "hybridrag reindex" in caplog.text
+    assert old.lexical_search(["quuxolator"], 5) == [[]]
+    old.point_alias()
+    new = VectorStore(uri, "c", enc.version, enc.dim, generation="g1")
+    assert new.name != old.name and new.has_lexical
+    rebuild = Reindex(old, new, enc, batch=8)
+    while not rebuild.done:
+        rebuild.copy_slice()
+    assert rebuild.verify() == (31, 31)
+    new.point_alias()
+    assert resolve_serving(uri, "c", client=new.client).collection == new.name
+    assert [h.doc_id for h in new.lexical_search(["quuxolator"], 5)[0]] == ["d30"]
+    old.close()
+    new.close()
