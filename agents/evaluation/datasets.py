@@ -301,6 +301,7 @@ def build_foldoc(
     out_dir: Path | str | None = None,
     max_queries: int = DEFAULT_MAX_QUERIES,
     seed: int = 0,
+    max_corpus: int | None = None,
 ) -> Path:
     """FOLDOC: the opening of a held-out term's definition (names masked) -> the term entry.
 
@@ -331,6 +332,13 @@ def build_foldoc(
         qid = _doc_id("fdq", e.uid)
         queries[qid] = q
         qrels[qid] = {doc_of[e.uid]: 1}
+    if max_corpus is not None and len(corpus) > max_corpus:
+        # every judged entry stays; distractors are a seeded sample of the rest
+        judged = {d for rels in qrels.values() for d in rels}
+        rest = sorted(set(corpus) - judged)
+        random.Random(seed + 1).shuffle(rest)
+        keep = judged | set(rest[: max(0, max_corpus - len(judged))])
+        corpus = {d: doc for d, doc in corpus.items() if d in keep}
     meta = {
         "name": "foldoc",
         "source": "FOLDOC (Debian dict-foldoc)",
@@ -419,6 +427,7 @@ def build_manpages(
     seed: int = 0,
     min_words: int = 150,
     max_words: int = 300,
+    max_pages: int | None = None,
 ) -> Path:
     """Linux man-pages (sections 2 and 3): a page's NAME one-liner -> the first passage of its description.
 
@@ -428,10 +437,13 @@ def build_manpages(
     whose one-liner is short (under :data:`MANPAGE_MIN_QUERY_WORDS` words) or
     shared with another page are not queries, but their passages stay in the
     corpus as distractors. The whole domain is held out: no training stream
-    reads man pages.
+    reads man pages. ``max_pages`` keeps a seeded sample of whole pages (a
+    smaller corpus where encoding the whole set is too slow).
     """
     entries = corpora.manpage_entries()
     counts = Counter(e.extra["oneliner"].lower() for e in entries)
+    if max_pages is not None and len(entries) > max_pages:  # a seeded sample of whole pages
+        entries = [entries[i] for i in sorted(random.Random(seed + 1).sample(range(len(entries)), max_pages))]
     # a one-liner that is also a training text elsewhere ("random number generator" is a FOLDOC headword)
     # would test recall of training, not generalisation
     seen_in_training = set(corpora.training_texts())

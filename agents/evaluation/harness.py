@@ -283,7 +283,7 @@ class FusedSystem:
 
     def index(self, ds: Dataset) -> None:
         from hybridrag.agents.rag.store import ExactMirror
-        from hybridrag.agents.retention.adaptive_retriever import choose_fusion_weight
+        from hybridrag.agents.retention.adaptive_retriever import FusionConfig, choose_fusion_weight
 
         t = time.perf_counter()
         vecs, cached = encode_corpus(self.encoder, ds, self.batch_size, self.cache, self.progress)
@@ -291,8 +291,10 @@ class FusedSystem:
         self.mirror = ExactMirror(vecs.shape[1])
         for doc_id, text, v in zip(ds.doc_ids, ds.doc_texts, vecs):
             self.mirror.put(doc_id, v, doc_id, 0, "", "", "", False, lexical=text)
+        cfg = FusionConfig()  # as the service chooses
         self.choice = choose_fusion_weight(
-            ds.doc_texts, vecs, lambda texts: self.encoder.encode(texts, batch_size=self.batch_size))
+            ds.doc_texts, vecs, lambda texts: self.encoder.encode(texts, batch_size=self.batch_size),
+            n_queries=cfg.pseudo_queries, depth=cfg.depth)
         self.timings = {"corpus_encode_s": t_enc - t, "corpus_cached": float(cached),
                         "choose_weight_s": time.perf_counter() - t_enc,
                         "weight": self.choice.weight if self.choice else float("nan"),

@@ -761,7 +761,7 @@ class FusionConfig:
     lexical_min_z: float = 2.0  # ... or its BM25 stands this many std above the query's lexical candidates
     rechoose_growth: float = 4.0  # choose again when the collection has grown by this factor
     min_rows: int = 200  # fewer rows give too few distractors to choose against
-    pseudo_queries: int = 200  # pseudo-queries per choice
+    pseudo_queries: int = 100  # pseudo-queries per choice (each re-encodes its passage: the cost of a choice)
 
     @classmethod
     def from_settings(cls, s: Any) -> "FusionConfig":
