@@ -49,7 +49,8 @@ def test_a_rare_name_that_dense_search_misses_is_found_and_cited(make_settings, 
 
     assert Settings().retriever == "hybrid"
     settings = make_settings()
-    worker = make_worker(settings)
+    worker = make_worker(settings, start=False).start(wait=False)
+    worker.wait_ready(timeout_s=600)  # a loaded machine starts a worker slowly
     demo = [json.loads(line) for line in (RESOURCES / "demo" / "corpus.jsonl").read_text().splitlines() if line]
     docs = [Document(doc_id=d["_id"], title=d["title"], text=d["text"]) for d in demo] + status_documents()
 
@@ -58,7 +59,7 @@ def test_a_rare_name_that_dense_search_misses_is_found_and_cited(make_settings, 
             await c.publish_documents(docs)
 
     run(publish())
-    worker.wait_ready(min_rows=len(docs))
+    worker.wait_ready(min_rows=len(docs), timeout_s=600)  # a loaded machine: MiniLM encodes ~5 passages/s
     fusion = {}
     deadline = time.monotonic() + 180  # the weight is chosen in the background, after the first batches
     while not fusion.get("chosen") and time.monotonic() < deadline:
