@@ -119,9 +119,10 @@ class Settings(BaseSettings):
         "extractive", "When the chat endpoint is down: extractive answers at once (generator: extractive-fallback), "
         "or wait: the batch stays unacked and is retried until the endpoint is back.")
 
-    retriever: Literal["hybrid", "topk", "lexical", "adaptive"] = _f(
-        "hybrid", "Retriever: hybrid (dense and BM25 fused with the collection's chosen weight), topk (dense "
-        "only), lexical (BM25 only), or adaptive (coarse top-50, fine re-score, per-query threshold).")
+    retriever: Literal["topk", "hybrid", "lexical", "adaptive"] = _f(
+        "topk", "Retriever: topk (dense only), hybrid (dense and BM25 fused with the collection's chosen weight; not "
+        "the default until its label-free weight holds on every eval set), lexical (BM25 only), or adaptive "
+        "(coarse top-50, fine re-score, per-query threshold).")
     retriever_fusion_weight: float = _f(
         -1.0, "Hybrid: weight of BM25 in the blend; negative means the weight chosen for each collection from "
         "its own pseudo-queries (no labels needed).", ge=-1, le=1)
