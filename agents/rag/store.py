@@ -838,7 +838,7 @@ class VectorStore:
             groups.setdefault(t, []).append(i)
         for t, rows in groups.items():
             if self.mirror is not None:
-                with self._lock:
+                with self._mirror_lock:
                     res_hits = self.mirror.lexical_search([texts[i] for i in rows], top_k, t, include_synthetic,
                                                           with_vectors)
             else:
@@ -879,7 +879,7 @@ class VectorStore:
         """Up to ``n`` real (not synthetic) rows: (lexical texts, vectors (n, d), doc ids); random with the
         mirror, the first ``n`` a server returns otherwise. What the fusion weight is chosen from."""
         if self.mirror is not None:
-            with self._lock:
+            with self._mirror_lock:
                 m = self.mirror
                 live = np.nonzero(m.alive[: m.size] & ~m.synthetic[: m.size] & (m.lexlen[: m.size] >= 0))[0]
                 pick = np.random.default_rng(seed).permutation(live)[:n]
