@@ -53,6 +53,17 @@ def ensure_redis(url: str) -> subprocess.Popen | None:
     return proc
 
 
+def start_embedded_broker(base: Settings, data: Path) -> EmbeddedBroker:
+    """The demo's Tansu, with a per-topic JSON Schema registry when broker-side validation is on."""
+    registry = None
+    if base.broker_schema_validation:
+        from hybridrag.agents.kafka.contract import write_broker_schemas
+
+        registry = data / "demo-broker-schemas"
+        write_broker_schemas(registry, base.topology)
+    return EmbeddedBroker(log_path=data / "demo-broker.log", schema_registry=registry).start()
+
+
 def run_demo(questions: Path | None = None, corpus: Path | None = None) -> int:
     from hybridrag.agents.cli.output import print_answer
     from hybridrag.agents.kafka.client import AsyncClient
@@ -68,13 +79,7 @@ def run_demo(questions: Path | None = None, corpus: Path | None = None) -> int:
     broker = None
     bootstrap = base.kafka_bootstrap_servers
     if not bootstrap:
-        registry = None
-        if base.broker_schema_validation:
-            from hybridrag.agents.kafka.contract import write_broker_schemas
-
-            registry = data / "demo-broker-schemas"
-            write_broker_schemas(registry, base.topology)
-        broker = EmbeddedBroker(log_path=data / "demo-broker.log", schema_registry=registry).start()
+        broker = start_embedded_broker(base, data)
         bootstrap = broker.bootstrap
         typer.echo(f"embedded Tansu broker on {bootstrap}")
     web_port = free_port()
