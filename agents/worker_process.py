@@ -20,6 +20,16 @@ import orjson
 WORKER_COMMAND = [sys.executable, "-m", "hybridrag.agents.cli.main", "worker"]
 
 
+def settings_env(settings) -> dict:
+    """This environment plus every field of ``settings`` as its ``HYBRIDRAG_*`` variable: a worker configured alike."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+               REDIS_URL=settings.redis_url)
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        env[f"HYBRIDRAG_{name.upper()}"] = str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
+    return env
+
+
 def health(port: int, host: str = "127.0.0.1") -> dict:
     """The worker's ``/health`` body, or ``{}`` while it does not answer."""
     try:

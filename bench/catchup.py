@@ -56,16 +56,7 @@ from hybridrag.agents.rag.chunking import chunk_document
 from hybridrag.agents.rag.ingest_files import iter_documents
 from hybridrag.agents.retention.memory_manager import MemoryConfig, MemoryManager
 from hybridrag.agents.settings import RESOURCES, Settings
-from hybridrag.agents.worker_process import process_figures, start_worker, stop_worker, wait_healthy
-
-
-def worker_env(settings: Settings) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
-               REDIS_URL=settings.redis_url)
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        env[f"HYBRIDRAG_{name.upper()}"] = str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
-    return env
+from hybridrag.agents.worker_process import process_figures, settings_env, start_worker, stop_worker, wait_healthy
 
 
 class Sampler:
@@ -244,7 +235,7 @@ async def restart_drain(settings: Settings, texts: list[str], backlog: int, log_
     print(f"[catchup] bare consumer: {bare['records_per_s']:.0f} records/s", flush=True)
     started = time.monotonic()
     marks["restarted_at"] = round(started - t0, 2)
-    sampler.worker = start_worker(worker_env(settings), open(log_path, "ab"), cwd=REPO)
+    sampler.worker = start_worker(settings_env(settings), open(log_path, "ab"), cwd=REPO)
     draining = asyncio.create_task(drain(settings, ids, started, 900))
     await asyncio.to_thread(wait_healthy, settings.web_port, sampler.worker, 0, 900)
     ready_s = time.monotonic() - started
@@ -269,7 +260,7 @@ async def measure(args, settings: Settings, broker, texts: list[str], log_path: 
     sampler = Sampler(broker.proc.pid)
     stop = asyncio.Event()
     sampling = asyncio.create_task(sampler.run(t0, stop))
-    sampler.worker = start_worker(worker_env(settings), open(log_path, "ab"), cwd=REPO)
+    sampler.worker = start_worker(settings_env(settings), open(log_path, "ab"), cwd=REPO)
     docs = list(iter_documents(RESOURCES / "demo" / "corpus.jsonl"))
     await loadgen.publish(settings, docs)
     n_chunks = sum(len(chunk_document(d.doc_id, d.text, d.title, settings.chunk_size, settings.chunk_overlap))

@@ -72,7 +72,8 @@ from hybridrag.agents.rag.chunking import chunk_document
 from hybridrag.agents.rag.ingest_files import iter_documents
 from hybridrag.agents.retention.memory_manager import MemoryConfig, MemoryManager
 from hybridrag.agents.settings import RESOURCES, Settings
-from hybridrag.agents.worker_process import health, process_figures, start_worker, stop_worker, wait_healthy
+from hybridrag.agents.worker_process import (health, process_figures, settings_env, start_worker, stop_worker,
+                                             wait_healthy)
 
 
 # ----------------------------------------------------------------------------- the parts the bench owns
@@ -151,22 +152,13 @@ class OwnedRedis:
             c.close()
 
 
-def worker_env(settings: Settings) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
-               REDIS_URL=settings.redis_url)
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        env[f"HYBRIDRAG_{name.upper()}"] = str(value.get_secret_value() if hasattr(value, "get_secret_value") else value)
-    return env
-
-
 class Worker:
     def __init__(self, settings: Settings, log_path: Path):
         self.settings, self.log_path = settings, log_path
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = start_worker(worker_env(self.settings), open(self.log_path, "ab"), cwd=REPO)
+        self.proc = start_worker(settings_env(self.settings), open(self.log_path, "ab"), cwd=REPO)
 
     def wait_ready(self, min_rows: int = 0, timeout_s: float = 300) -> dict:
         return wait_healthy(self.settings.web_port, self.proc, min_rows, timeout_s)
