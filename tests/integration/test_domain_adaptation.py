@@ -43,6 +43,7 @@ def test_the_passage_buffer_counts_a_passage_once_and_keeps_the_newest(redis_url
         assert not redis.Redis.from_url(redis_url).keys(f"{prefix}:*")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)  # a model trains, is scored twice on the canary and re-indexes, on a shared CPU
 def test_the_service_adapts_to_its_corpus_after_ingest_and_swaps(make_settings, make_worker):
     """A hybrid-encoder worker ingests 60 demo passages (the trigger is 40). The adapter trains a

@@ -24,7 +24,7 @@ from hybridrag.agents.retention.memory_manager import MemoryConfig, MemoryManage
 from tests.conftest import read_topic, run
 from tests.reliability.test_faults import QUESTIONS, _publish, many_documents, record
 
-pytestmark = [pytest.mark.reliability, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 N_QUERIES = 400
 KILLS = 2
