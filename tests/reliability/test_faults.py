@@ -207,11 +207,11 @@ async def _members(settings) -> list[str]:
 def test_a_batch_longer_than_the_poll_interval_keeps_the_worker_in_its_group(make_settings, make_worker):
     """An ingest batch that computes for several times max.poll.interval does not make the worker
     leave its group, because the model runs off the event loop; queries keep being answered meanwhile."""
-    settings = make_settings(kafka_max_poll_interval_s=3.0, ingest_batch_max=96, chunk_size=100, chunk_overlap=0)
+    settings = make_settings(kafka_max_poll_interval_s=3.0, ingest_batch_max=32, chunk_size=100, chunk_overlap=0)
     worker = make_worker(settings)
-    base = many_documents(400)
-    # 96 documents of ~20 chunks each: one batch of ~2,000 chunks to encode
-    big = [Document(doc_id=f"big-{i}", text=" ".join(d.text for d in base[i * 4 : i * 4 + 4]) * 12) for i in range(96)]
+    base = many_documents(128)
+    # 32 documents of ~20 chunks each: one batch of ~650 chunks, many times the 3 s poll interval to encode
+    big = [Document(doc_id=f"big-{i}", text=" ".join(d.text for d in base[i * 4 : i * 4 + 4]) * 12) for i in range(32)]
     members_before = run(_members(settings))
     from hybridrag.agents.rag.chunking import chunk_document
 
