@@ -648,7 +648,7 @@ class VectorStore:
         k = self.hubness_k
         with self._lock:
             res = self.client.search(self.name, data=np.asarray(vectors, np.float32).tolist(), limit=k + 1,
-                                     filter=f'tenant == "{tenant}" and synthetic == false', output_fields=[])
+                                     filter=_filter_expr(tenant, False), output_fields=[])
         out = np.full((len(vectors), k + 1), -np.inf, np.float32)
         for i, hits in enumerate(res):
             scores = [float(h["distance"]) for h in hits if h["id"] not in skip[i]]
@@ -778,22 +778,15 @@ class VectorStore:
         n = len(vectors)
         if n == 0:
             return []
-        tenants = [tenant] * n if isinstance(tenant, str) else list(tenant)
         out: list[list[Hit] | None] = [None] * n
-        # one batched call per distinct filter (usually one)
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(tenants):
-            groups.setdefault(t, []).append(i)
-        for t, rows in groups.items():
+        for t, rows in _tenant_groups(tenant, n).items():  # one batched call per distinct filter (usually one)
             if self.mirror is not None:
                 with self._mirror_lock:
                     res_hits = self.mirror.search(np.asarray(vectors)[rows], top_k, t, include_synthetic, with_vectors)
                 for i, hits in zip(rows, res_hits):
                     out[i] = hits
                 continue
-            expr = f'tenant == "{t}"'
-            if not include_synthetic:
-                expr += " and synthetic == false"
+            expr = _filter_expr(t, include_synthetic)
             with self._lock:
                 res = self.client.search(
                     self.name,
@@ -803,21 +796,7 @@ class VectorStore:
                     output_fields=self.output_fields + (["vector"] if with_vectors else []),
                 )
             for i, hits in zip(rows, res):
-                out[i] = [
-                    Hit(
-                        id=h["id"],
-                        doc_id=h["entity"]["doc_id"],
-                        chunk=int(h["entity"]["chunk"]),
-                        text=h["entity"]["text"],
-                        score=float(h["distance"]),
-                        synthetic=bool(h["entity"]["synthetic"]),
-                        tenant=h["entity"]["tenant"],
-                        title=h["entity"]["title"],
-                        hubness=float(h["entity"].get("hubness") or 0.0),
-                        vector=np.asarray(h["entity"]["vector"], np.float32) if with_vectors else None,
-                    )
-                    for h in hits
-                ]
+                out[i] = [_milvus_hit(h, float(h["distance"]), with_vectors) for h in hits]
         return [o or [] for o in out]
 
     def lexical_search(
@@ -831,12 +810,8 @@ class VectorStore:
             return []
         if not self.has_lexical:
             return [[] for _ in range(n)]
-        tenants = [tenant] * n if isinstance(tenant, str) else list(tenant)
         out: list[list[Hit]] = [[] for _ in range(n)]
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(tenants):
-            groups.setdefault(t, []).append(i)
-        for t, rows in groups.items():
+        for t, rows in _tenant_groups(tenant, n).items():
             if self.mirror is not None:
                 with self._mirror_lock:
                     res_hits = self.mirror.lexical_search([texts[i] for i in rows], top_k, t, include_synthetic,
@@ -850,7 +825,7 @@ class VectorStore:
 
     def _server_lexical_search(self, texts: Sequence[str], top_k: int, tenant: str, include_synthetic: bool,
                                with_vectors: bool) -> list[list[Hit]]:
-        expr = f'tenant == "{tenant}"' + ("" if include_synthetic else " and synthetic == false")
+        expr = _filter_expr(tenant, include_synthetic)
         # a query with no indexed term has no sparse vector to search with: it matches nothing
         live = [i for i, t in enumerate(texts) if lexical_tokens(t)]
         out: list[list[Hit]] = [[] for _ in texts]
@@ -862,12 +837,7 @@ class VectorStore:
                                      output_fields=self.output_fields + (["vector"] if with_vectors else []))
         for i, hits in zip(live, res):
             # Milvus Lite reports BM25 as a negative distance and a server as a positive one; the score is >= 0
-            out[i] = [Hit(id=h["id"], doc_id=h["entity"]["doc_id"], chunk=int(h["entity"]["chunk"]),
-                          text=h["entity"]["text"], score=abs(float(h["distance"])),
-                          synthetic=bool(h["entity"]["synthetic"]), tenant=h["entity"]["tenant"],
-                          title=h["entity"]["title"], hubness=float(h["entity"].get("hubness") or 0.0),
-                          vector=np.asarray(h["entity"]["vector"], np.float32) if with_vectors else None)
-                      for h in hits]
+            out[i] = [_milvus_hit(h, abs(float(h["distance"])), with_vectors) for h in hits]
         return out
 
     def server_lexical_search(self, texts: Sequence[str], top_k: int, tenant: str = "",
@@ -1005,3 +975,24 @@ class VectorStore:
             self.client.close()
         except Exception:  # closing is best effort at shutdown
             log.debug("milvus close failed", exc_info=True)
+
+
+def _tenant_groups(tenant: str | Sequence[str], n: int) -> dict[str, list[int]]:
+    """A batch's row indices by tenant: one store call per distinct filter."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate([tenant] * n if isinstance(tenant, str) else list(tenant)):
+        groups.setdefault(t, []).append(i)
+    return groups
+
+
+def _filter_expr(tenant: str, include_synthetic: bool) -> str:
+    return f'tenant == "{tenant}"' + ("" if include_synthetic else " and synthetic == false")
+
+
+def _milvus_hit(h: dict, score: float, with_vectors: bool) -> Hit:
+    """A Hit from one row of a Milvus search result (dense or BM25: the caller gives the score)."""
+    e = h["entity"]
+    return Hit(id=h["id"], doc_id=e["doc_id"], chunk=int(e["chunk"]), text=e["text"], score=score,
+               synthetic=bool(e["synthetic"]), tenant=e["tenant"], title=e["title"],
+               hubness=float(e.get("hubness") or 0.0),
+               vector=np.asarray(e["vector"], np.float32) if with_vectors else None)
